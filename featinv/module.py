@@ -1,0 +1,104 @@
+"""``InversionModule``: the thin Lightning layer; ``predict_step`` runs every configured method.
+
+The predict loop must run with gradients on (guidance differentiates through the prior and the
+encoder): the Trainer needs ``inference_mode=False`` (featinv's CLI sets it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from featinv.api import InversionResult, run_method
+from featinv.encoders import Encoder, build_encoder
+from featinv.guidance import get_method
+from featinv.priors import Prior, build_prior
+
+__all__ = ["InversionModule", "make_method"]
+
+MethodSpec = str | dict[str, Any]
+
+
+def make_method(spec: MethodSpec):
+    """``"fast"`` or ``{"preset": "fast", "name": "fast-w2", "weight": 2.0}`` -> a method object."""
+    if isinstance(spec, str):
+        return get_method(spec)
+    spec = dict(spec)
+    preset = spec.pop("preset", None) or spec.pop("method", None)
+    if preset is None:
+        raise ValueError(f"method dict {spec} needs a 'preset' naming a method (featinv.list_methods())")
+    name = spec.pop("name", None)
+    method = get_method(preset, **spec)
+    if name is not None:
+        method.name = name
+    return method
+
+
+class InversionModule(L.LightningModule):
+    """Feature inversion of each batch of targets with every method in ``methods``.
+
+    Args:
+        prior: prior spec (``zoo:digits-ddpm``, ``pixel:<id|dir>``, ``latent:<id|dir>``).
+        encoder: encoder spec ``family:name[@layer]`` whose feature is inverted.
+        methods: preset names or dicts ``{preset, name, <field>: value}``; all share targets and seeds.
+        seed: global seed; each target's noise is seeded from (seed, dataset, index).
+        progress: show a progress bar over the sampling steps of the current batch.
+    """
+
+    def __init__(self, prior: str | Prior = "zoo:digits-ddpm", encoder: str | Encoder = "zoo:digits-cnn",
+                 methods: list[MethodSpec] | None = None, seed: int = 0, progress: bool = True):
+        super().__init__()
+        # Specs are hyperparameters; objects passed from Python are not (they hold weights).
+        self.save_hyperparameters(ignore=[k for k, v in (("prior", prior), ("encoder", encoder)) if not isinstance(v, str)])
+        self.prior = build_prior(prior)
+        self.encoder = build_encoder(encoder)
+        self.methods = [make_method(m) for m in (methods or ["fast"])]
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}: give each a 'name'")
+        self.seed = seed
+        self.progress = progress
+
+    @property
+    def encoder_name(self) -> str:
+        return self.hparams.get("encoder") or self.encoder.name
+
+    @property
+    def prior_name(self) -> str:
+        return self.hparams.get("prior") or type(self.prior).__name__
+
+    def on_predict_start(self) -> None:
+        if torch.is_inference_mode_enabled() or self.trainer.predict_loop.inference_mode:
+            raise RuntimeError("featinv needs gradients during predict, but the Trainer runs predict in "
+                               "inference mode: create it with Trainer(inference_mode=False) "
+                               "(featinv's CLI and configs do this by default)")
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        """The batch's target features (B, D): given, or encoded from images / text."""
+        if batch["feature"].numel():
+            return batch["feature"].float()
+        if batch["image"].numel():
+            with torch.no_grad():
+                return self.encoder(batch["image"].float())
+        if any(batch["text"]):
+            encode_text = getattr(self.encoder, "encode_text", None)
+            if encode_text is None:
+                raise ValueError(f"text targets need an encoder with a text tower (clip:...); "
+                                 f"{self.encoder_name!r} has none")
+            with torch.no_grad():
+                return encode_text(list(batch["text"])).float()
+        raise ValueError("batch has no image, feature or text target")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        keys = list(zip(batch["dataset"], batch["index"].tolist()))
+        show = self.progress and self.global_rank == 0
+        with torch.enable_grad():
+            target = self.targets(batch)
+            results: dict[str, InversionResult] = {
+                m.name: run_method(m, self.prior, self.encoder, target, keys, seed=self.seed, progress=show)
+                for m in self.methods}
+        image = batch["image"].detach().cpu() if batch["image"].numel() else None
+        return {"dataset": list(batch["dataset"]), "index": batch["index"].tolist(),
+                "label": batch["label"].tolist(), "text": list(batch["text"]), "target_image": image,
+                "results": results}

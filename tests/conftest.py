@@ -1,0 +1,53 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
+
+def tiny_unet_and_scheduler(size: int = 8, channels: int = 1, seed: int = 0):
+    """A random-init diffusers UNet2DModel as small as diffusers' own tests build."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    return unet, sched
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, channels: int = 1, dim: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.penultimate = nn.Sequential(nn.Flatten(), nn.LazyLinear(dim), nn.Tanh())
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.penultimate(self.features(x)))
+
+
+@pytest.fixture
+def tiny_prior():
+    from featinv.priors import PixelPrior
+
+    return PixelPrior(*tiny_unet_and_scheduler())
+
+
+@pytest.fixture
+def tiny_encoder():
+    from featinv.encoders import Encoder
+
+    torch.manual_seed(1)
+    m = TinyCNN()
+    m(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer
+    return Encoder(m, "penultimate", input_size=8, in_chans=1, name="tiny-cnn")
