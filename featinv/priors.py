@@ -42,6 +42,16 @@ class Prior(nn.Module):
         raise NotImplementedError
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped with a straight-through gradient.
+
+    A hard clamp has zero gradient on saturated pixels, and early in sampling x0-hat is mostly
+    saturated: guidance would vanish exactly where it matters. Forward values equal a clamp.
+    """
+    y = x / 2 + 0.5
+    return y + (y.clamp(0, 1) - y).detach()
+
+
 def _alphas_cumprod(scheduler) -> torch.Tensor:
     return scheduler.alphas_cumprod.detach().clone().float()
 
@@ -88,7 +98,7 @@ class PixelPrior(Prior):
         return _eps_from_output(out, z, t, self.alphas_cumprod, self.prediction_type).to(z.dtype)
 
     def decode(self, x0):
-        return (x0 / 2 + 0.5).clamp(0, 1)
+        return to_unit(x0)
 
 
 class LatentPrior(Prior):
@@ -153,7 +163,7 @@ class LatentPrior(Prior):
 
     def decode(self, x0):
         img = self.vae.decode(x0.to(self.dtype) / self.vae_scale).sample.float()
-        return (img / 2 + 0.5).clamp(0, 1)
+        return to_unit(img)
 
 
 @torch.no_grad()
