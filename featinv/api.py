@@ -38,8 +38,8 @@ class InversionResult:
     final_rel_l2: torch.Tensor  # (B,)
     best_cos: torch.Tensor  # (B,)
     best_l2: torch.Tensor  # (B,)
-    nfe: int
-    backward: int
+    nfe: torch.Tensor  # (B,) prior evaluations per target
+    backward: torch.Tensor  # (B,) backward passes through the prior per target
     nonfinite: torch.Tensor  # (B,) guidance updates skipped because the gradient was NaN/inf
     seconds: float  # wall time of the batch
 
@@ -94,10 +94,11 @@ def run_method(method, prior: Prior, encoder: Encoder, target: torch.Tensor, key
         f_final = encoder(out.images.to(target.device)).cpu()
         f_best = encoder(out.best_images.to(target.device)).cpu()
     seconds = time.perf_counter() - start
-    t = target.cpu()
+    t, n = target.cpu(), len(target)
     return InversionResult(
         method=getattr(method, "name", type(method).__name__), images=out.images, best_images=out.best_images,
         target=t, final_features=f_final, best_features=f_best, distances=out.distances,
         final_cos=cosine(f_final, t), final_l2=sq_l2(f_final, t), final_rel_l2=rel_l2(f_final, t),
-        best_cos=cosine(f_best, t), best_l2=sq_l2(f_best, t), nfe=out.nfe, backward=out.backward,
+        best_cos=cosine(f_best, t), best_l2=sq_l2(f_best, t), nfe=torch.as_tensor(out.nfe).expand(n).clone(),
+        backward=torch.as_tensor(out.backward).expand(n).clone(),
         nonfinite=out.nonfinite, seconds=seconds)

@@ -33,7 +33,7 @@ def rows(prediction: dict, module) -> list[dict]:
                 "layer": getattr(module.encoder, "layer", None), "seed": int(module.seed),
                 "final_cos": float(r.final_cos[b]), "final_l2": float(r.final_l2[b]),
                 "final_rel_l2": float(r.final_rel_l2[b]), "best_cos": float(r.best_cos[b]),
-                "best_l2": float(r.best_l2[b]), "nfe": int(r.nfe), "backward": int(r.backward),
+                "best_l2": float(r.best_l2[b]), "nfe": int(r.nfe[b]), "backward": int(r.backward[b]),
                 "nonfinite_updates": int(r.nonfinite[b]) if r.nonfinite.numel() else 0,
                 "seconds": r.seconds / n, "distances": [round(float(x), 6) for x in r.distances[b]],
             })

@@ -20,6 +20,7 @@ class Prior(nn.Module):
 
     alphas_cumprod: torch.Tensor  # (T,), training schedule, on the prior's device
     latent_shape: tuple[int, int, int]  # (C, H, W) of z_t
+    x0_range: float | None = None  # |x0| bound the sampler clips x0-hat to in its update (None: no clip)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -69,7 +70,13 @@ def _eps_from_output(out: torch.Tensor, z: torch.Tensor, t: torch.Tensor, acp: t
 
 
 class PixelPrior(Prior):
-    """A pixel-space DDPM (diffusers ``UNet2DModel``); images live in [-1, 1] (Ho et al. 2020)."""
+    """A pixel-space DDPM (diffusers ``UNet2DModel``); images live in [-1, 1] (Ho et al. 2020).
+
+    The sampler clips x0-hat to [-1, 1] in its update (as DDPM does): with a cosine schedule
+    a_T ~ 1e-7, and an unclipped first step amplifies the noise-prediction error by sqrt(a_prev/a_T).
+    """
+
+    x0_range = 1.0
 
     def __init__(self, unet, scheduler, prediction_type: str | None = None):
         super().__init__()

@@ -24,6 +24,16 @@ def tiny_unet_and_scheduler(size: int = 8, channels: int = 1, seed: int = 0):
     return unet, sched
 
 
+def blobs(n: int, generator: torch.Generator, size: int = 8) -> torch.Tensor:
+    """Synthetic smooth images in [-1, 1]: two Gaussian blobs each, (n, 1, size, size)."""
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    c = torch.rand(n, 2, 2, generator=generator) * size
+    r = 1 + torch.rand(n, 2, generator=generator) * 2
+    img = sum(torch.exp(-((xx - c[:, k, 0, None, None]) ** 2 + (yy - c[:, k, 1, None, None]) ** 2)
+                        / (2 * r[:, k, None, None] ** 2)) for k in range(2))
+    return (img.clamp(0, 1) * 2 - 1)[:, None]
+
+
 class TinyCNN(nn.Module):
     def __init__(self, channels: int = 1, dim: int = 16):
         super().__init__()
@@ -41,6 +51,26 @@ def tiny_prior():
     from featinv.priors import PixelPrior
 
     return PixelPrior(*tiny_unet_and_scheduler())
+
+
+@pytest.fixture(scope="session")
+def blob_prior():
+    """A tiny UNet trained for 150 steps (~5 s) on blobs: a real, if crude, prior whose x0-hat is
+    meaningful (a random UNet's x0-hat is saturated noise, useless for x0-space guidance)."""
+    from featinv.priors import PixelPrior
+
+    unet, sched = tiny_unet_and_scheduler()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(unet.parameters(), 3e-3)
+    for _ in range(150):
+        x = blobs(64, g)
+        n = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (64,), generator=g)
+        loss = (unet(sched.add_noise(x, n, t), t).sample - n).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return PixelPrior(unet, sched)
 
 
 @pytest.fixture
