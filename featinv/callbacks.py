@@ -17,27 +17,63 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from featinv.viz import comparison_grid, display, save_png
 
-__all__ = ["PredictionWriter", "InversionLogger", "rows"]
+__all__ = ["PredictionWriter", "InversionLogger", "rows", "read_done", "merge_results"]
 
 
 def rows(prediction: dict, module) -> list[dict]:
-    """The per-(target, method) records of one predict_step output (no file paths)."""
+    """The per-(target, method) records of one predict_step output (no file paths yet).
+
+    Each record carries ``_pos``, its position in the batch (dropped before writing).
+    """
     out = []
-    for method, r in prediction["results"].items():
-        n = len(prediction["index"])
-        for b in range(n):
+    for method, (positions, r) in prediction["results"].items():
+        share = r.seconds / len(positions)
+        for j, b in enumerate(positions):
             out.append({
                 "dataset": prediction["dataset"][b], "index": int(prediction["index"][b]),
                 "label": int(prediction["label"][b]), "text": prediction["text"][b] or None,
                 "method": method, "prior": module.prior_name, "encoder": module.encoder_name,
                 "layer": getattr(module.encoder, "layer", None), "seed": int(module.seed),
-                "final_cos": float(r.final_cos[b]), "final_l2": float(r.final_l2[b]),
-                "final_rel_l2": float(r.final_rel_l2[b]), "best_cos": float(r.best_cos[b]),
-                "best_l2": float(r.best_l2[b]), "nfe": int(r.nfe[b]), "backward": int(r.backward[b]),
-                "nonfinite_updates": int(r.nonfinite[b]) if r.nonfinite.numel() else 0,
-                "seconds": r.seconds / n, "distances": [round(float(x), 6) for x in r.distances[b]],
+                "final_cos": float(r.final_cos[j]), "final_l2": float(r.final_l2[j]),
+                "final_rel_l2": float(r.final_rel_l2[j]), "best_cos": float(r.best_cos[j]),
+                "best_l2": float(r.best_l2[j]), "nfe": int(r.nfe[j]), "backward": int(r.backward[j]),
+                "nonfinite_updates": int(r.nonfinite[j]) if r.nonfinite.numel() else 0,
+                "seconds": share, "distances": [round(float(x), 6) for x in r.distances[j]], "_pos": b,
             })
     return out
+
+
+def method_images(prediction: dict, method: str, best: bool = False) -> torch.Tensor:
+    """(B, C, H, W) images of one method for the whole batch; white where it did not run (resumed)."""
+    positions, r = prediction["results"][method]
+    imgs = r.best_images if best else r.images
+    if len(positions) == len(prediction["index"]):
+        return imgs
+    full = torch.ones(len(prediction["index"]), *imgs.shape[1:])
+    full[positions] = imgs
+    return full
+
+
+def batch_grid(prediction: dict) -> torch.Tensor:
+    """Targets (if images) over each method's results."""
+    return comparison_grid([prediction["target_image"]] + [method_images(prediction, m) for m in prediction["results"]])
+
+
+def read_done(output_dir: Path) -> set[tuple[str, int, str, int]]:
+    """(dataset, index, method, seed) of every record already in output_dir's results files.
+
+    A torn last line (a run killed mid-write) is cut off so that appends stay whole lines.
+    """
+    done = set()
+    for path in sorted(output_dir.glob("results*.jsonl")):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            path.write_bytes(data)
+        for line in data.decode().splitlines():
+            r = json.loads(line)
+            done.add((r["dataset"], int(r["index"]), r["method"], int(r["seed"])))
+    return done
 
 
 def _stem(dataset: str, index: int) -> str:
@@ -59,31 +95,31 @@ class PredictionWriter(BasePredictionWriter):
         name = "results.jsonl" if trainer.world_size == 1 else f"results.rank{trainer.global_rank}.jsonl"
         return self.output_dir / name
 
+    def on_predict_start(self, trainer, pl_module):
+        """Resume: targets already in the results files are skipped (same dataset, index, method, seed)."""
+        pl_module.done = read_done(self.output_dir) if self.output_dir.exists() else set()
+        if pl_module.done and trainer.is_global_zero:
+            print(f"featinv: resuming in {self.output_dir}: {len(pl_module.done)} records already written are skipped")
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not prediction["results"]:
+            return
         out = self.output_dir
-        records = rows(prediction, pl_module)
         target_img = prediction["target_image"]
-        n = len(prediction["index"])
-        paths = {}
-        for b in range(n):
-            stem = _stem(prediction["dataset"][b], prediction["index"][b])
-            if target_img is not None:
-                paths[("target", b)] = f"samples/{stem}_target.png"
-                save_png(target_img[b], out / paths[("target", b)])
-            for method, r in prediction["results"].items():
-                paths[(method, b)] = f"samples/{stem}_{method}.png"
-                save_png(r.images[b], out / paths[(method, b)])
-                if self.save_best:
-                    paths[(method, b, "best")] = f"samples/{stem}_{method}_best.png"
-                    save_png(r.best_images[b], out / paths[(method, b, "best")])
-        dataset = prediction["dataset"][0]
-        grid = comparison_grid([target_img] + [r.images for r in prediction["results"].values()])
-        save_png(grid, out / f"grids/{dataset}_batch{batch_idx:04d}.png")
+        records = rows(prediction, pl_module)
         for rec in records:
-            b = prediction["index"].index(rec["index"])
-            rec["image"] = paths[(rec["method"], b)]
-            rec["best_image"] = paths.get((rec["method"], b, "best"))
-            rec["target_image"] = paths.get(("target", b))
+            b, stem = rec.pop("_pos"), _stem(rec["dataset"], rec["index"])
+            positions, r = prediction["results"][rec["method"]]
+            j = positions.index(b)
+            rec["image"] = f"samples/{stem}_{rec['method']}.png"
+            save_png(r.images[j], out / rec["image"])
+            rec["best_image"] = f"samples/{stem}_{rec['method']}_best.png" if self.save_best else None
+            if self.save_best:
+                save_png(r.best_images[j], out / rec["best_image"])
+            rec["target_image"] = f"samples/{stem}_target.png" if target_img is not None else None
+            if target_img is not None:
+                save_png(target_img[b], out / rec["target_image"])
+        save_png(batch_grid(prediction), out / f"grids/{prediction['dataset'][0]}_batch{batch_idx:04d}.png")
         lines = "".join(json.dumps(r) + "\n" for r in records)
         path = self.results_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +127,42 @@ class PredictionWriter(BasePredictionWriter):
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+
+    def on_predict_end(self, trainer, pl_module):
+        """Several ranks: rank 0 merges the per-rank files into results.jsonl, one line per record."""
+        if trainer.world_size == 1:
+            return
+        trainer.strategy.barrier("featinv-merge")
+        if trainer.is_global_zero:
+            merge_results(self.output_dir)
+        trainer.strategy.barrier("featinv-merged")
+
+
+def merge_results(output_dir: Path) -> int:
+    """Fold results.rank*.jsonl into results.jsonl, dropping duplicate records; returns the count."""
+    main = output_dir / "results.jsonl"
+    read_done(output_dir)  # cuts torn last lines
+    seen = _keys(main) if main.exists() else set()
+    lines = []
+    for part in sorted(output_dir.glob("results.rank*.jsonl")):
+        for line in part.read_text().splitlines():
+            r = json.loads(line)
+            key = (r["dataset"], int(r["index"]), r["method"], int(r["seed"]))
+            if key not in seen:
+                seen.add(key)
+                lines.append(line + "\n")
+    with open(main, "a") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    for part in output_dir.glob("results.rank*.jsonl"):
+        part.unlink()
+    return len(seen)
+
+
+def _keys(path: Path) -> set:
+    return {(r["dataset"], int(r["index"]), r["method"], int(r["seed"]))
+            for r in map(json.loads, path.read_text().splitlines())}
 
 
 class InversionLogger(Callback):
@@ -113,15 +185,17 @@ class InversionLogger(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not trainer.loggers:
             return
+        if not outputs["results"]:
+            return
         dataset = outputs["dataset"][0]
-        for method, r in outputs["results"].items():
+        for method, (_, r) in outputs["results"].items():
             acc = self._curves[(dataset, method)]
             s = r.distances.sum(0).double()
             acc[0] = s if acc[0] is None else acc[0] + s
             acc[1] += r.distances.shape[0]
             self._scores[(dataset, method)] += list(zip(r.final_cos.tolist(), r.best_cos.tolist()))
         if self.log_grids:
-            grid = comparison_grid([outputs["target_image"]] + [r.images for r in outputs["results"].values()])
+            grid = batch_grid(outputs)
             caption = "rows: " + " | ".join((["target"] if outputs["target_image"] is not None else [])
                                             + list(outputs["results"]))
             for lg in trainer.loggers:
@@ -129,10 +203,10 @@ class InversionLogger(Callback):
         if any(isinstance(lg, WandbLogger) for lg in trainer.loggers) and len(self._table) < self.max_table_rows:
             import wandb
 
-            thumbs = {m: display(r.images) for m, r in outputs["results"].items()}
+            thumbs = {m: display(method_images(outputs, m)) for m in outputs["results"]}
             tgt = display(outputs["target_image"]) if outputs["target_image"] is not None else None
             for rec in rows(outputs, pl_module):
-                b = outputs["index"].index(rec["index"])
+                b = rec["_pos"]
                 self._table.append([rec["dataset"], rec["index"], rec["label"], rec["method"], rec["final_cos"],
                                     rec["best_cos"], rec["final_l2"], rec["nfe"],
                                     wandb.Image(tgt[b]) if tgt is not None else None,

@@ -107,8 +107,10 @@ def _layers(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: featinv layers <encoder spec>, e.g. featinv layers zoo:digits-cnn")
     enc = build_encoder(argv[0])
-    for name in list_layers(enc.model):
-        print(name)
+    try:
+        print("\n".join(list_layers(enc.model)))
+    except BrokenPipeError:  # `featinv layers ... | head`
+        sys.stderr.close()
 
 
 USAGE = """usage: featinv predict -c CONFIG.yaml [--key value ...]   run inversions (--help for all options)

@@ -30,7 +30,8 @@ class Encoder(nn.Module):
     Args:
         model: any ``nn.Module`` taking a normalised image batch.
         layer: a name from ``model.named_modules()``; ``None`` takes the model's output.
-        input_size: (H, W) the model expects; images are resized bilinearly (antialiased).
+        input_size: (H, W) the model expects; images are resized with ``interpolation``
+            ("bilinear" or "bicubic", antialiased; "nearest").
         in_chans: channels the model expects; 1 <-> 3 conversion is done if the image differs.
         mean, std: per-channel normalisation after resizing.
         pool: how a non-flat activation becomes a vector: ``None`` (flatten), ``"cls"`` (token 0
@@ -41,7 +42,7 @@ class Encoder(nn.Module):
 
     def __init__(self, model: nn.Module, layer: str | None = None, *, input_size: int | Sequence[int] | None = None,
                  in_chans: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 pool: str | None = None, quantize: bool = False, name: str = ""):
+                 pool: str | None = None, quantize: bool = False, interpolation: str = "bilinear", name: str = ""):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.layer = layer
@@ -54,6 +55,9 @@ class Encoder(nn.Module):
             raise ValueError(f"pool must be None, 'cls' or 'avg', got {pool!r}")
         self.pool = pool
         self.quantize = quantize
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {interpolation!r}")
+        self.interpolation = interpolation
         self.name = name or type(model).__name__
         self._module = None if layer is None else _find_layer(model, layer)
         self._dim: int | None = None
@@ -75,7 +79,9 @@ class Encoder(nn.Module):
             else:
                 raise ValueError(f"{self.name}: cannot adapt {c} channels to {self.in_chans}")
         if self.input_size is not None and tuple(img.shape[-2:]) != self.input_size:
-            img = F.interpolate(img, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+            smooth = self.interpolation != "nearest"
+            img = F.interpolate(img, size=self.input_size, mode=self.interpolation,
+                                align_corners=False if smooth else None, antialias=smooth)
         if self.mean is not None:
             img = (img - self.mean.to(img.dtype)) / self.std.to(img.dtype)
         return img

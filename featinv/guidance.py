@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from featinv.metrics import cosine, sq_l2
+from featinv.metrics import cosine
+from featinv.objectives import resolve_objective
 from featinv.schedules import recurrence_counts, weight_multipliers
 
 __all__ = ["Guidance", "SampleOutput", "PRESETS", "get_method", "list_methods", "register_method", "randn",
@@ -127,7 +128,8 @@ class Guidance:
     ``recurrence``, ``early_steps``, ``early_recurrence``, ``recurrence_window``: K(t).
     ``stop_cos``: adaptive compute: a sample stops once cos(f(x0), f_s) >= stop_cos; its final
     image is that x0-hat, and ``best_images`` still holds the best of its trajectory.
-    ``objective``: loss(feature, target) -> (B,) to minimise (default ||f - f_s||^2).
+    ``objective``: loss(feature, target) -> (B,) to minimise (default ||f - f_s||^2), or a spec
+    such as ``"unit:7"`` / ``{kind: activation, index: 7}`` (see featinv.objectives).
     """
 
     name: str = "guided"
@@ -150,7 +152,7 @@ class Guidance:
     early_recurrence: int = 1000
     recurrence_window: tuple[float, float] | None = None
     stop_cos: float | None = None
-    objective: Callable | None = None
+    objective: Callable | str | dict | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS or self.x0_norm not in NORMS:
@@ -201,7 +203,7 @@ class _Step:
 
     def __init__(self, cfg: Guidance, prior, encoder, sched):
         self.cfg, self.prior, self.encoder, self.sched = cfg, prior, encoder, sched
-        self.loss_fn = cfg.objective or sq_l2
+        self.loss_fn = resolve_objective(cfg.objective)
 
     def loss(self, x0, target, gens, a_t):
         """Objective at decode(x0) (Monte-Carlo smoothed if sigma > 0); plus features and image."""

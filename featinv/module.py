@@ -59,6 +59,7 @@ class InversionModule(L.LightningModule):
             raise ValueError(f"method names must be unique, got {names}: give each a 'name'")
         self.seed = seed
         self.progress = progress
+        self.done: set[tuple[str, int, str, int]] = set()  # (dataset, index, method, seed) already written
 
     @property
     def encoder_name(self) -> str:
@@ -91,13 +92,24 @@ class InversionModule(L.LightningModule):
         raise ValueError("batch has no image, feature or text target")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Run every method on the batch's targets (those not already in ``self.done``).
+
+        Returns the batch's metadata and ``results[method] = (positions, InversionResult)``, the
+        positions in the batch that the method ran on.
+        """
         keys = list(zip(batch["dataset"], batch["index"].tolist()))
         show = self.progress and self.global_rank == 0
-        with torch.enable_grad():
-            target = self.targets(batch)
-            results: dict[str, InversionResult] = {
-                m.name: run_method(m, self.prior, self.encoder, target, keys, seed=self.seed, progress=show)
+        results: dict[str, tuple[list[int], InversionResult]] = {}
+        todo = {m.name: [b for b, (d, i) in enumerate(keys) if (d, i, m.name, self.seed) not in self.done]
                 for m in self.methods}
+        if any(todo.values()):
+            with torch.enable_grad():
+                target = self.targets(batch)
+                for m in self.methods:
+                    pos = todo[m.name]
+                    if pos:  # per-target seeds: a subset gives the same results as the whole batch
+                        results[m.name] = (pos, run_method(m, self.prior, self.encoder, target[pos],
+                                                           [keys[b] for b in pos], seed=self.seed, progress=show))
         image = batch["image"].detach().cpu() if batch["image"].numel() else None
         return {"dataset": list(batch["dataset"]), "index": batch["index"].tolist(),
                 "label": batch["label"].tolist(), "text": list(batch["text"]), "target_image": image,
