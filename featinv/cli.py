@@ -31,7 +31,7 @@ __all__ = ["FeatinvCLI", "WandbSettings", "main"]
 class WandbSettings:
     """Weights & Biases run settings (offline by default: sync later with `wandb sync`)."""
 
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = "offline"  # offline | online (falls back to offline without credentials) | disabled
     project: str = "featinv"
     name: str | None = None
     group: str | None = None
@@ -75,12 +75,32 @@ class FeatinvCLI(LightningCLI):
 
 
 def make_wandb_logger(output_dir: str, wb: WandbSettings):
+    """A WandbLogger writing under output_dir; ``online`` without credentials falls back to offline."""
     from lightning.pytorch.loggers import WandbLogger
 
     os.makedirs(output_dir, exist_ok=True)
+    if wb.mode not in ("online", "offline"):
+        raise ValueError(f"wandb.mode must be online, offline or disabled, got {wb.mode!r}")
+    if wb.mode == "online" and not _wandb_credentials():
+        warnings.warn("featinv: wandb.mode=online but no W&B API key is configured (WANDB_API_KEY or "
+                      "`wandb login`): logging offline instead; upload later with `wandb sync`.", stacklevel=2)
+        wb = WandbSettings(**{**wb.__dict__, "mode": "offline"})
     # `mode` goes to wandb.init; WandbLogger(offline=True) would set WANDB_MODE process-wide.
+    # init_timeout bounds the wait for an unreachable server; results are written locally regardless
     return WandbLogger(save_dir=output_dir, project=wb.project, name=wb.name, group=wb.group,
-                       tags=list(wb.tags) or None, mode=wb.mode)
+                       tags=list(wb.tags) or None, mode=wb.mode, settings={"init_timeout": 60})
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
 
 
 def _print_summary(path: str) -> None:

@@ -87,3 +87,16 @@ def test_feature_file_formats(tmp_path):
     a, b = FeatureTargets(str(tmp_path / "f.safetensors")), FeatureTargets(str(tmp_path / "g.npy"), limit=2)
     assert len(a) == 4 and a[3]["label"] == 3 and torch.equal(a[1]["feature"], f[1])
     assert len(b) == 2 and b[0]["label"] == -1
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch):
+    from featinv.cli import WandbSettings, make_wandb_logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    with pytest.warns(UserWarning, match="logging offline instead"):
+        logger = make_wandb_logger(str(tmp_path), WandbSettings(mode="online"))
+    assert logger._wandb_init["mode"] == "offline"
+    with pytest.raises(ValueError, match="wandb.mode"):
+        make_wandb_logger(str(tmp_path), WandbSettings(mode="offlien"))
