@@ -34,7 +34,8 @@ def summarise(out_dir: Path, vit) -> list[dict]:
     groups = defaultdict(list)
     for line in (out_dir / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
-        groups[r["method"]].append(r)
+        if "skipped" not in r:
+            groups[r["method"]].append(r)
     rows = []
     for method, rs in groups.items():  # in config order
         imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(out_dir / r["image"]).convert("L"),

@@ -76,6 +76,13 @@ def read_done(output_dir: Path) -> set[tuple[str, int, str, int]]:
     return done
 
 
+def skipped_record(prediction: dict, b: int, method: str, reason: str, module) -> dict:
+    """The record of a target that was not inverted (``on_bad_target: skip``)."""
+    return {"dataset": prediction["dataset"][b], "index": int(prediction["index"][b]),
+            "label": int(prediction["label"][b]), "method": method, "prior": module.prior_name,
+            "encoder": module.encoder_name, "seed": int(module.seed), "skipped": reason}
+
+
 def _stem(dataset: str, index: int) -> str:
     return f"{dataset}/{index:06d}"
 
@@ -102,11 +109,12 @@ class PredictionWriter(BasePredictionWriter):
             print(f"featinv: resuming in {self.output_dir}: {len(pl_module.done)} records already written are skipped")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if not prediction["results"]:
-            return
         out = self.output_dir
         target_img = prediction["target_image"]
         records = rows(prediction, pl_module)
+        lines = [skipped_record(prediction, b, m.name, why, pl_module) for b, why in prediction.get("skipped", {}).items()
+                 for m in pl_module.methods
+                 if (prediction["dataset"][b], prediction["index"][b], m.name, pl_module.seed) not in pl_module.done]
         for rec in records:
             b, stem = rec.pop("_pos"), _stem(rec["dataset"], rec["index"])
             positions, r = prediction["results"][rec["method"]]
@@ -119,8 +127,11 @@ class PredictionWriter(BasePredictionWriter):
             rec["target_image"] = f"samples/{stem}_target.png" if target_img is not None else None
             if target_img is not None:
                 save_png(target_img[b], out / rec["target_image"])
-        save_png(batch_grid(prediction), out / f"grids/{prediction['dataset'][0]}_batch{batch_idx:04d}.png")
-        lines = "".join(json.dumps(r) + "\n" for r in records)
+        if prediction["results"]:
+            save_png(batch_grid(prediction), out / f"grids/{prediction['dataset'][0]}_batch{batch_idx:04d}.png")
+        if not records and not lines:
+            return
+        lines = "".join(json.dumps(r) + "\n" for r in records + lines)
         path = self.results_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:

@@ -109,16 +109,21 @@ def _print_summary(path: str) -> None:
 
     if not os.path.exists(path):
         return
-    agg = defaultdict(list)
+    agg, skipped = defaultdict(list), 0
     with open(path) as f:
         for line in f:
             r = json.loads(line)
+            if "skipped" in r:
+                skipped += 1
+                continue
             agg[(r["dataset"], r["method"])].append(r)
     print(f"\n{'dataset':<16}{'method':<16}{'n':>5}{'final_cos':>11}{'best_cos':>10}{'nfe':>7}{'s/img':>8}")
     for (d, m), rs in sorted(agg.items()):
         n = len(rs)
         print(f"{d:<16}{m:<16}{n:>5}{sum(r['final_cos'] for r in rs) / n:>11.4f}"
               f"{sum(r['best_cos'] for r in rs) / n:>10.4f}{rs[0]['nfe']:>7}{sum(r['seconds'] for r in rs) / n:>8.3f}")
+    if skipped:
+        print(f"{skipped} record(s) skipped (see 'skipped' in results.jsonl)")
 
 
 def _layers(argv: list[str]) -> None:

@@ -280,7 +280,7 @@ def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback
     best_d, best_img = torch.full((B,), math.inf), None
     nfe, backward, nonfinite = (torch.zeros(B, dtype=torch.long) for _ in range(3))
     active = torch.ones(B, dtype=torch.bool)
-    final = torch.zeros(B, *prior.decode(z[:1]).shape[1:])
+    final = None  # (B, C, H, W), allocated at the first decoded image
     bar = _progress(len(timesteps), progress, cfg.name)
     for i, t in enumerate(timesteps):
         idx = active.nonzero().flatten()
@@ -296,6 +296,7 @@ def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback
             backward[idx] += int(did_backward)
             nonfinite[idx] += bad.cpu().long()
             best_d, best_img = _track_best(best_d, best_img, idx, d.cpu(), img.cpu())
+            final = torch.zeros_like(best_img) if final is None else final
             if k < ks[i] - 1:  # self-recurrence: back to t with fresh noise
                 ratio = a_t / a_prev
                 zi = ratio.sqrt() * z_prev + (1 - ratio).sqrt() * randn(gens, prior.latent_shape, device=dev)

@@ -44,10 +44,13 @@ class InversionModule(L.LightningModule):
         methods: preset names or dicts ``{preset, name, <field>: value}``; all share targets and seeds.
         seed: global seed; each target's noise is seeded from (seed, dataset, index).
         progress: show a progress bar over the sampling steps of the current batch.
+        on_bad_target: ``raise`` (default) stops at a target whose features are NaN/inf; ``skip``
+            records it in results.jsonl with ``skipped: <reason>`` and goes on.
     """
 
     def __init__(self, prior: str | Prior = "zoo:digits-ddpm", encoder: str | Encoder = "zoo:digits-cnn",
-                 methods: list[MethodSpec] | None = None, seed: int = 0, progress: bool = True):
+                 methods: list[MethodSpec] | None = None, seed: int = 0, progress: bool = True,
+                 on_bad_target: str = "raise"):
         super().__init__()
         # Specs are hyperparameters; objects passed from Python are not (they hold weights).
         self.save_hyperparameters(ignore=[k for k, v in (("prior", prior), ("encoder", encoder)) if not isinstance(v, str)])
@@ -59,6 +62,9 @@ class InversionModule(L.LightningModule):
             raise ValueError(f"method names must be unique, got {names}: give each a 'name'")
         self.seed = seed
         self.progress = progress
+        if on_bad_target not in ("raise", "skip"):
+            raise ValueError(f"on_bad_target must be 'raise' or 'skip', got {on_bad_target!r}")
+        self.on_bad_target = on_bad_target
         self.done: set[tuple[str, int, str, int]] = set()  # (dataset, index, method, seed) already written
 
     @property
@@ -94,17 +100,24 @@ class InversionModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Run every method on the batch's targets (those not already in ``self.done``).
 
-        Returns the batch's metadata and ``results[method] = (positions, InversionResult)``, the
-        positions in the batch that the method ran on.
+        Returns the batch's metadata, ``results[method] = (positions, InversionResult)`` (the
+        positions in the batch that the method ran on) and ``skipped = {position: reason}``.
         """
         keys = list(zip(batch["dataset"], batch["index"].tolist()))
         show = self.progress and self.global_rank == 0
         results: dict[str, tuple[list[int], InversionResult]] = {}
+        skipped: dict[int, str] = {}
         todo = {m.name: [b for b, (d, i) in enumerate(keys) if (d, i, m.name, self.seed) not in self.done]
                 for m in self.methods}
         if any(todo.values()):
             with torch.enable_grad():
                 target = self.targets(batch)
+                bad = (~torch.isfinite(target).all(dim=1)).nonzero().flatten().tolist()
+                if bad and self.on_bad_target == "raise":
+                    raise ValueError(f"target features contain NaN/inf for {[keys[b] for b in bad][:10]}; set "
+                                     "model.on_bad_target=skip to record and skip such targets")
+                skipped = {b: "target features contain NaN/inf" for b in bad}
+                todo = {m: [b for b in pos if b not in skipped] for m, pos in todo.items()}
                 for m in self.methods:
                     pos = todo[m.name]
                     if pos:  # per-target seeds: a subset gives the same results as the whole batch
@@ -113,4 +126,4 @@ class InversionModule(L.LightningModule):
         image = batch["image"].detach().cpu() if batch["image"].numel() else None
         return {"dataset": list(batch["dataset"]), "index": batch["index"].tolist(),
                 "label": batch["label"].tolist(), "text": list(batch["text"]), "target_image": image,
-                "results": results}
+                "results": results, "skipped": skipped}

@@ -91,3 +91,24 @@ def test_csv_logger_and_refusal_of_inference_mode(tmp_path, module, tiny_encoder
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         L.Trainer(accelerator="cpu", inference_mode=True, logger=False, enable_progress_bar=False).predict(
             module, datamodule=dm, return_predictions=False)
+
+
+def test_bad_targets_raise_or_are_recorded_as_skipped(tmp_path, tiny_prior, tiny_encoder):
+    feats = torch.randn(5, tiny_encoder.dim)
+    feats[3, 0] = float("nan")
+    torch.save(feats, tmp_path / "f.pt")
+    dm = TargetDataModule([FeatureTargets(str(tmp_path / "f.pt"))], batch_size=5)
+    methods = [{"preset": "fast", **FAST}, {"preset": "unguided", "steps": 6}]
+    strict = InversionModule(prior=tiny_prior, encoder=tiny_encoder, progress=False, methods=methods)
+    with pytest.raises(ValueError, match=r"NaN/inf for \[\('f', 3\)\].*on_bad_target=skip"):
+        _trainer(tmp_path, False).predict(strict, datamodule=dm, return_predictions=False)
+    lenient = InversionModule(prior=tiny_prior, encoder=tiny_encoder, progress=False, methods=methods,
+                              on_bad_target="skip")
+    _trainer(tmp_path, False).predict(lenient, datamodule=dm, return_predictions=False)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 * 2
+    skipped = [r for r in recs if "skipped" in r]
+    assert {(r["index"], r["method"]) for r in skipped} == {(3, "fast"), (3, "unguided")}
+    assert all(np.isfinite(r["final_cos"]) for r in recs if "skipped" not in r)
+    images = list((tmp_path / "out" / "samples").rglob("*.png"))
+    assert images and not [p for p in images if "000003" in p.name]  # no image for a skipped target
