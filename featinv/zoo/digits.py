@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "WEIGHTS_DIR", "IMAGE_SIZE", "SPLIT_RANDOM_STATE", "SPLIT_TEST_SIZE", "load_digits", "DigitsCNN",
+    "WEIGHTS_DIR", "IMAGE_SIZE", "SPLIT_RANDOM_STATE", "SPLIT_TEST_SIZE", "load_digits", "split_indices", "DigitsCNN",
     "build_digits_vit", "VIT_FEATURE_LAYER", "CNN_FEATURE_LAYER", "VIT_CONFIG", "DDPM_UNET_CONFIG",
     "DDPM_SCHEDULER_CONFIG", "build_digits_unet", "build_digits_scheduler", "load_digits_cnn",
     "load_digits_vit", "load_digits_ddpm",
@@ -49,21 +49,44 @@ DDPM_DIR = "digits-ddpm"
 
 
 # -- data ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _load_digits_cached(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _sk_digits():
     from sklearn.datasets import load_digits as _sk_load_digits
-    from sklearn.model_selection import train_test_split
 
     data = _sk_load_digits()
     x = torch.from_numpy(data.images).float().div(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp_(0, 1)
     y = torch.from_numpy(data.target).long()
-    if split == "all":
-        return x, y
+    return x, y
+
+
+@functools.cache
+def _split_indices_cached(split: str) -> torch.Tensor:
+    from sklearn.model_selection import train_test_split
+
+    y = _sk_digits()[1].numpy()
     idx = torch.arange(len(y)).numpy()
-    tr, te = train_test_split(idx, test_size=SPLIT_TEST_SIZE, random_state=SPLIT_RANDOM_STATE,
-                              stratify=data.target)
-    sel = torch.from_numpy(tr if split == "train" else te).long()
+    if split == "all":
+        return torch.from_numpy(idx).long()
+    tr, te = train_test_split(idx, test_size=SPLIT_TEST_SIZE, random_state=SPLIT_RANDOM_STATE, stratify=y)
+    return torch.from_numpy(tr if split == "train" else te).long()
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+
+
+def split_indices(split: str = "test") -> torch.Tensor:
+    """Indices of ``split`` into sklearn's 1,797 digits (the order ``load_digits(split)`` returns)."""
+    _check_split(split)
+    return _split_indices_cached(split).clone()
+
+
+@functools.cache
+def _load_digits_cached(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _sk_digits()
+    sel = _split_indices_cached(split)
     return x[sel].contiguous(), y[sel].contiguous()
 
 
@@ -74,8 +97,7 @@ def load_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     the fixed stratified ``train_test_split(test_size=0.2, random_state=0, stratify=y)``.
     Results are cached; each call returns fresh clones.
     """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    _check_split(split)
     x, y = _load_digits_cached(split)
     return x.clone(), y.clone()
 
