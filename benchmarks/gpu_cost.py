@@ -64,10 +64,13 @@ TINY_ENCODERS = {"resnet18": ("torchvision:resnet18@avgpool", {})}
 
 
 def time_evals(prior, encoder, batch: int, guided: bool, device: str, evals: int = 10,
-               warmup: int = 3) -> tuple[float, float]:
-    """Median seconds per evaluation (after ``warmup`` evaluations) and peak memory in GiB."""
-    method = get_method("fast", steps=evals + warmup, recurrence=1, early_steps=0,
-                        **({} if guided else dict(weight=0.0, clamp_k=None)))
+               warmup: int = 3, preset: str = "fast") -> tuple[float, float]:
+    """Median seconds per evaluation (after ``warmup`` evaluations) and peak memory in GiB.
+
+    Guidance runs at constant weight (every evaluation takes its gradient); unguided = all weights 0."""
+    off = dict(weight=0.0, z_weight=0.0, x0_weight=0.0, clamp_k=None)
+    method = get_method(preset, steps=evals + warmup, recurrence=1, early_steps=0, schedule="constant",
+                        **({} if guided else off))
     target = torch.randn(batch, encoder.dim, device=device)
     stamps = []
 

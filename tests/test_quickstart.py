@@ -36,17 +36,27 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert (out / "config.yaml").is_file()  # LightningCLI saved the resolved config
 
 
-def test_notebook_executes(tmp_path):
+def _execute(name: str, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "notebooks" / "01_quickstart.ipynb", as_version=4)
-    os.environ["FEATINV_NB_TARGETS"] = "4"
-    try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-                                ).execute()
-    finally:
-        os.environ.pop("FEATINV_NB_TARGETS", None)
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    monkeypatch.setenv("FEATINV_NB_TARGETS", "4")  # the kernel inherits the environment
+    monkeypatch.setenv("FEATINV_NB_FAST", "1")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "final cosine" in text and "held-out ViT label agreement" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    return text, images
+
+
+def test_quickstart_notebook_executes(monkeypatch):
+    text, images = _execute("01_quickstart.ipynb", monkeypatch)
+    assert "final cosine" in text and "held-out ViT label agreement" in text
     assert len(images) == 2  # the grid and the distance curves
+
+
+def test_methods_notebook_executes(monkeypatch):
+    text, images = _execute("02_methods.ipynb", monkeypatch)
+    for m in ("fast", "unguided", "pixel", "fourier", "deepinversion"):
+        assert m in text
+    assert len(images) == 1

@@ -51,3 +51,10 @@ def test_ddp_two_cpu_processes_every_target_exactly_once(tmp_path):
     assert len(keys) == len(set(keys)) == 7 * 2
     assert {k[1] for k in keys} == set(range(7))
     assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "targets.pt").write_bytes((tmp_path / "targets.pt").read_bytes())  # the same 7 targets
+    run(single, "--batch-size", 3)
+    one = {key(r): r for r in records(single)}
+    for r in recs:  # identical numbers whatever the number of ranks
+        assert r["distances"] == pytest.approx(one[key(r)]["distances"], abs=1e-5)

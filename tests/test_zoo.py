@@ -107,3 +107,15 @@ def test_prior_loads_and_predicts_noise():
 def test_weights_are_small():
     files = [p for p in D.WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 8e6
+
+
+def test_a_few_guided_steps_on_the_real_prior_lower_the_distance():
+    import featinv
+
+    images, _ = D.load_digits("test")
+    prior, enc = featinv.build_prior("zoo:digits-ddpm"), featinv.build_encoder("zoo:digits-cnn")
+    common = dict(prior=prior, encoder=enc, keys=[("t", i) for i in range(4)], steps=8)
+    guided = featinv.invert(images[:4], method="fast", recurrence=1, early_steps=0, **common)
+    unguided = featinv.invert(images[:4], method="unguided", **common)
+    assert guided.final_l2.mean() < 0.5 * unguided.final_l2.mean()
+    assert guided.distances[:, -1].mean() < guided.distances[:, 0].mean()
