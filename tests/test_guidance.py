@@ -5,7 +5,7 @@ import torch
 from featinv import Guidance, get_method, invert
 from featinv.guidance import clamp_std, make_generators, randn, rescale_to
 
-FAST = dict(steps=12, recurrence=2, early_steps=2, early_recurrence=4)
+FAST = dict(steps=12, recurrence=2, early_steps=2, early_recurrence=4, schedule="constant")
 
 
 @pytest.fixture
