@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import commit  # noqa: E402
 from gpu_cost import time_evals  # noqa: E402
 
 import featinv  # noqa: E402
@@ -42,9 +42,9 @@ def main():
             rows.append((preset, b, g, u, g / u, b / (nfe * g), nfe))
             print(rows[-1], flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = commit()
     lines = ["# Cost of guidance, digits world (16x16 DDPM prior, digits CNN), CPU\n",
-             f"{os.cpu_count()} CPU cores, {a.threads} torch threads; torch {torch.__version__}; commit {commit}. "
+             f"{os.cpu_count()} CPU cores, {a.threads} torch threads; torch {torch.__version__}; commit {sha}. "
              f"Command: `python benchmarks/cost.py --batches {a.batches}`. Median of 10 evaluations after 3 "
              f"warm-ups, guided and unguided in the same run; process peak RSS {rss:.0f} MiB.\n",
              "| method | batch | s/eval guided | s/eval unguided | guided/unguided | images/s (full preset) | NFE |",

@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import commit  # noqa: E402
 
 from featinv.api import run_method  # noqa: E402
 from featinv.encoders import build_encoder  # noqa: E402
@@ -130,7 +130,7 @@ def main():
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, tiny=a.tiny, command="python benchmarks/gpu_cost.py " + " ".join(
                     f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (None, False)),
-                commit=os.environ.get("FEATINV_COMMIT") or _commit(), image_px=512 if not a.tiny else 64)
+                commit=os.environ.get("FEATINV_COMMIT") or commit(), image_px=512 if not a.tiny else 64)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         json.dump({"meta": meta, "rows": rows}, open(a.out + ".json", "w"), indent=1)
@@ -152,12 +152,6 @@ def markdown(meta, rows) -> str:
             "UNet + VAE decode + encoder (+ backward through all when guided) + scheduler step. s/image = "
             "NFE x s/eval / batch.\n\n" + head + body)
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import commit  # noqa: E402
 
 import featinv  # noqa: E402
 from featinv.data import DigitsTargets  # noqa: E402
@@ -145,7 +145,7 @@ def main():
             if imgs is not None and guide == a.encoders.split(",")[0]:
                 grid_rows[method] = imgs[:16]
     meta = dict(n=a.n, seeds=seeds, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads",
-                torch=torch.__version__, commit=_commit(), command="python benchmarks/methods.py " + " ".join(
+                torch=torch.__version__, commit=commit(), command="python benchmarks/methods.py " + " ".join(
                     f"--{k} {v}" for k, v in vars(a).items()))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".csv", "w", newline="") as f:
@@ -166,12 +166,6 @@ def main():
         run.finish()
     print(markdown(rows, meta))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 PRIOR = None

@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import commit  # noqa: E402
 
 import featinv  # noqa: E402
 from featinv.data import DigitsTargets  # noqa: E402
@@ -56,7 +56,7 @@ def main():
         ok = [r for r in rows if r["name"] != "shirahama2025" and r["final_cos"] >= paper["final_cos"] - 0.01]
         match = min(ok, key=lambda r: r["nfe"]) if ok else None
     meta = dict(n=a.n, machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", torch=torch.__version__,
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                commit=commit(),
                 command=f"python benchmarks/presets.py --n {a.n}")
     json.dump({"meta": meta, "rows": rows, "match": match}, open(a.out + ".json", "w"), indent=1)
     lines = [f"# Paper preset vs fast presets (digits world, {a.n} held-out targets, seed 0)\n",

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import commit  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import featinv  # noqa: E402
@@ -56,9 +57,9 @@ def main():
             agree = {k: float((m(imgs).argmax(1) == labels).float().mean()) for k, m in readers.items()}
         rows.append((method, len(rs), np.mean([r["final_cos"] for r in rs]), min(r["final_cos"] for r in rs),
                      agree["CNN (guiding)"], agree["ViT (held out)"], rs[0]["nfe"]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = commit()
     lines = ["# Quickstart (`featinv predict -c configs/quickstart.yaml`)\n",
-             f"64 held-out test digits; {os.cpu_count()} CPU cores; torch {torch.__version__}; commit {commit}. "
+             f"64 held-out test digits; {os.cpu_count()} CPU cores; torch {torch.__version__}; commit {sha}. "
              f"Command: `python benchmarks/quickstart.py --runs {a.runs}`.\n",
              f"Wall time of the whole command (start-up, model loading, both methods, writing, W&B): runs "
              f"{', '.join(f'{w:.1f}' for w in walls)} s; **median {statistics.median(walls):.1f} s**.\n",

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.guidance import SampleOutput, _progress, randn, register_method
+from featinv.guidance import SampleOutput, _progress, _view, randn, register_method
 from featinv.metrics import cosine
 from featinv.objectives import FeatureMatch, resolve_objective
 
@@ -69,10 +69,6 @@ def _uniform(generators, n: int, device) -> torch.Tensor:
     """(B, n) uniforms in (0, 1) from each sample's own generator (Phi of standard normals)."""
     z = randn(generators, (n,), device=device)
     return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-
-
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1)))
 
 
 def alpha_norm(x: torch.Tensor, alpha: float, center: float = 0.5) -> torch.Tensor:
