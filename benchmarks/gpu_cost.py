@@ -28,7 +28,7 @@ from _common import commit  # noqa: E402
 
 from featinv.api import run_method  # noqa: E402
 from featinv.encoders import build_encoder  # noqa: E402
-from featinv.guidance import get_method  # noqa: E402
+from featinv.methods import get_method  # noqa: E402
 from featinv.priors import LatentPrior  # noqa: E402
 
 SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from featinv.encoders import Encoder, build_encoder
-from featinv.guidance import SampleOutput, get_method, make_generators
+from featinv.contract import SampleOutput, make_generators
+from featinv.encoders import Encoder
+from featinv.methods import get_method
 from featinv.metrics import cosine, rel_l2, sq_l2
-from featinv.priors import Prior, build_prior
+from featinv.priors import Prior
+from featinv.specs import build_encoder, build_prior
 
 __all__ = ["invert", "run_method", "InversionResult", "target_seed", "check_targets"]
 
@@ -45,7 +49,12 @@ class InversionResult:
 
 
 def check_targets(target: torch.Tensor, encoder: Encoder) -> torch.Tensor:
-    """Validate a (B, D) target against the encoder: one clear error per kind of bad input."""
+    """Validate a (B, D) target against the encoder: one clear error per kind of bad input.
+
+    Refused: a wrong shape or dimension, NaN/inf, an all-zero row (its cosine is undefined) and a
+    row whose squared norm overflows float32 (distances would be inf). A norm far outside what the
+    encoder produces (x1000 or x1/1000 of its features of random images) gives a warning.
+    """
     if target.ndim != 2:
         raise ValueError(f"target features must be (B, D), got shape {tuple(target.shape)}")
     dim = encoder.dim
@@ -56,12 +65,41 @@ def check_targets(target: torch.Tensor, encoder: Encoder) -> torch.Tensor:
     bad = ~torch.isfinite(target).all(dim=1)
     if bad.any():
         raise ValueError(f"target features contain NaN/inf in row(s) {bad.nonzero().flatten().tolist()[:10]}")
+    norm2 = target.float().pow(2).sum(dim=1)
+    for what, rows in (("are all zero (cosine is undefined)", norm2 == 0),
+                       ("overflow float32 (||f_s||^2 = inf): rescale them", ~torch.isfinite(norm2))):
+        if rows.any():
+            raise ValueError(f"target feature row(s) {rows.nonzero().flatten().tolist()[:10]} {what}")
+    ref = _feature_norm(encoder)
+    if ref is not None:
+        ratio = norm2.sqrt() / ref
+        odd = (ratio > 1e3) | (ratio < 1e-3)
+        if odd.any():
+            warnings.warn(f"target feature row(s) {odd.nonzero().flatten().tolist()[:10]} have norms "
+                          f"{[f'{float(v):.3g}' for v in norm2[odd].sqrt()[:5]]}, far from the ~{ref:.3g} of "
+                          f"{encoder.name!r}'s features of random images: are they from this encoder and layer?",
+                          stacklevel=3)
     return target
+
+
+def _feature_norm(encoder) -> float | None:
+    """Mean feature norm of the encoder on 4 uniform-noise images (cached on the encoder)."""
+    if getattr(encoder, "_ref_norm", None) is None:
+        c, (h, w) = getattr(encoder, "in_chans", None) or 3, getattr(encoder, "input_size", None) or (32, 32)
+        p = next(encoder.parameters(), None)
+        try:
+            with torch.no_grad():
+                f = encoder(torch.rand(4, c, h, w, generator=torch.Generator().manual_seed(0)).to(
+                    p.device if p is not None else None))
+            encoder._ref_norm = float(f.float().norm(dim=1).mean())
+        except Exception:  # an encoder that cannot take such images: skip the plausibility check
+            return None
+    return encoder._ref_norm if math.isfinite(encoder._ref_norm) and encoder._ref_norm > 0 else None
 
 
 def invert(targets: torch.Tensor, *, prior: Prior | str = "zoo:digits-ddpm",
            encoder: Encoder | str = "zoo:digits-cnn", method="fast", seed: int = 0,
-           keys: Sequence[tuple[str, int]] | None = None, callback=None, progress: bool = False,
+           keys: Sequence[tuple[str, int]] | None = None, cond=None, callback=None, progress: bool = False,
            **overrides) -> InversionResult:
     """Invert target features (B, D) or target images (B, C, H, W in [0, 1]) through ``encoder``.
 
@@ -70,7 +108,8 @@ def invert(targets: torch.Tensor, *, prior: Prior | str = "zoo:digits-ddpm",
 
     ``method`` is a preset name (``featinv.list_methods()``) or a method object; ``overrides``
     change preset fields (``weight=2``). ``keys`` = (dataset, index) per target seeds each target's
-    noise via ``target_seed`` (default: ("adhoc", i)).
+    noise via ``target_seed`` (default: ("adhoc", i)). ``cond``: per-target prompts (list of str)
+    or prompt embeddings (B, L, D) for a text-conditioned prior (default: its empty prompt).
     """
     prior, encoder = build_prior(prior), build_encoder(encoder)
     encoder = encoder.to(prior.device)
@@ -80,16 +119,20 @@ def invert(targets: torch.Tensor, *, prior: Prior | str = "zoo:digits-ddpm",
         with torch.no_grad():
             targets = encoder(targets)
     keys = keys if keys is not None else [("adhoc", i) for i in range(len(targets))]
-    return run_method(method, prior, encoder, targets, keys, seed=seed, callback=callback, progress=progress)
+    if cond is not None and not isinstance(cond, torch.Tensor):
+        cond = prior.encode_prompt(list(cond))
+    return run_method(method, prior, encoder, targets, keys, seed=seed, cond=cond, callback=callback,
+                      progress=progress)
 
 
 def run_method(method, prior: Prior, encoder: Encoder, target: torch.Tensor, keys: Sequence[tuple[str, int]],
-               *, seed: int = 0, callback=None, progress: bool = False) -> InversionResult:
+               *, seed: int = 0, cond=None, callback=None, progress: bool = False) -> InversionResult:
     """Run one method on target features (B, D) and score its images under ``encoder``."""
     target = check_targets(target.float(), encoder)
     gens = make_generators([target_seed(seed, d, int(i)) for d, i in keys])
     start = time.perf_counter()
-    out: SampleOutput = method(prior, encoder, target, gens, callback=callback, progress=progress)
+    extra = {"cond": cond} if cond is not None else {}
+    out: SampleOutput = method(prior, encoder, target, gens, callback=callback, progress=progress, **extra)
     with torch.no_grad():
         f_final = encoder(out.images.to(target.device)).cpu()
         f_best = encoder(out.best_images.to(target.device)).cpu()

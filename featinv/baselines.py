@@ -1,7 +1,7 @@
 """Optimisation baselines: feature inversion / activation maximisation by gradient descent on the image.
 
 Three classic methods, each a dataclass with the method interface of ``featinv.guidance``
-(``method(prior, encoder, target, generators) -> SampleOutput``) and registered as a preset:
+(``featinv.contract.Method``), listed in ``featinv.methods``:
 
 * ``pixel``: Mahendran & Vedaldi (2015), "Understanding Deep Image Representations by Inverting
   Them": pixels optimised under an alpha-norm and a TV^beta regulariser.
@@ -30,13 +30,14 @@ Shared conventions.
   a second, gradient-free forward pass, so nfe = 2 * steps (backward = steps); with
   ``track_clean=False`` the transformed image's distance is recorded and nfe = steps.
 * Per-sample everything: all randomness comes from the per-sample generators via
-  ``featinv.guidance.randn`` (uniforms are Phi(normal)), losses are per sample and summed before
+  ``featinv.contract.randn`` (uniforms are Phi(normal)), losses are per sample and summed before
   ``backward`` (so each sample's gradient is its own), and Adam is element-wise. A target's result
   does not depend on its batch. A sample whose gradient is NaN/inf has that step's gradient zeroed
   (counted in ``nonfinite``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,16 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.guidance import SampleOutput, _progress, _view, randn, register_method
+from featinv.contract import NotApplicableError, SampleOutput, per_sample, progress_bar, randn
 from featinv.metrics import cosine
 from featinv.objectives import FeatureMatch, resolve_objective
 
 __all__ = ["PixelInversion", "FourierVisualization", "DeepInversion", "NotApplicableError", "image_shape",
            "alpha_norm", "tv_beta", "fourier_image", "COLOR_CORRELATION_SVD_SQRT"]
-
-
-class NotApplicableError(ValueError):
-    """A method cannot run with this encoder (e.g. DeepInversion on a model without BatchNorm)."""
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -117,8 +114,6 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
               project: Callable[[torch.Tensor], None] | None = None, track_clean: bool = False,
               transformed: bool = False, callback=None, progress: bool = False) -> SampleOutput:
     """Adam on ``param``; ``render(param)`` -> images in [0, 1]; ``step_loss(img, i)`` -> (loss (B,), feat)."""
-    if steps < 1:
-        raise ValueError(f"{name}: steps must be >= 1, got {steps}")
     track = resolve_objective(objective)  # what ``distances`` records: ||f - f_s||^2 by default
     B = target.shape[0]
     opt = torch.optim.Adam([param], lr=lr, betas=tuple(betas))
@@ -127,7 +122,7 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
     best_img = None
     nonfinite = torch.zeros(B, dtype=torch.long)
     clean = transformed and track_clean
-    bar = _progress(steps, progress, name)
+    bar = progress_bar(steps, progress, name)
 
     def keep_best(d, img):
         nonlocal best_d, best_img
@@ -136,7 +131,7 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
             best_img = img.detach().cpu().clone()
         if better.any():
             best_d = torch.where(better, d, best_d)
-            best_img = torch.where(_view(better, best_img), img.detach().cpu(), best_img)
+            best_img = torch.where(per_sample(better, best_img), img.detach().cpu(), best_img)
 
     with torch.enable_grad():
         for i in range(steps):
@@ -150,7 +145,7 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
             g = param.grad
             bad = ~torch.isfinite(g.flatten(1)).all(dim=1) | ~torch.isfinite(loss.detach())
             if bad.any():  # one sample's NaN never reaches the others (nor its own image)
-                param.grad = torch.where(_view(bad, g), torch.zeros_like(g), g)
+                param.grad = torch.where(per_sample(bad, g), torch.zeros_like(g), g)
                 nonfinite += bad.cpu().long()
             with torch.no_grad():
                 f_track = encoder(img) if clean else feat.detach()
@@ -158,8 +153,10 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
             distances[:, i] = d
             keep_best(d, img)
             if callback is not None:
-                callback({"step": i, "t": i, "distance": d, "cosine": cosine(f_track.flatten(1), target).cpu(),
-                          "loss": loss.detach().cpu(), "x0": img.detach().clone(), "z": param.detach().clone()})
+                callback({"step": i, "t": None, "index": torch.arange(B), "distance": d,
+                          "cosine": cosine(f_track.flatten(1), target).cpu(), "x0": img.detach().clone(),
+                          "z": param.detach().clone(), "recurrence": 1, "weight": opt.param_groups[0]["lr"],
+                          "loss": loss.detach().cpu()})
             opt.step()
             if project is not None:
                 with torch.no_grad():
@@ -177,7 +174,26 @@ def _optimise(name: str, steps: int, objective, encoder, target: torch.Tensor, p
                         nonfinite=nonfinite)
 
 
-def _prepare(name: str, prior, target, generators) -> tuple[torch.device, torch.Tensor, tuple[int, int, int]]:
+def _check(method) -> None:
+    """Refuse, at construction, settings that cannot give a correct result (every numeric field)."""
+    for f in dataclasses.fields(method):
+        v = getattr(method, f.name)
+        nums = v if isinstance(v, (tuple, list)) else [v]
+        for x in nums:
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isfinite(x):
+                raise ValueError(f"method {method.name!r}: {f.name}={v!r} is invalid; it must be finite")
+    if not isinstance(method.steps, int) or method.steps < 1:
+        raise ValueError(f"method {method.name!r}: steps={method.steps!r} is invalid; it must be an integer >= 1")
+    if not method.lr > 0:
+        raise ValueError(f"method {method.name!r}: lr={method.lr!r} is invalid; it must be > 0")
+    for k, allowed in (("init", ("noise", "constant")), ("param", ("clamp", "sigmoid"))):
+        if hasattr(method, k) and getattr(method, k) not in allowed:
+            raise ValueError(f"method {method.name!r}: {k}={getattr(method, k)!r} is invalid; choose from {allowed}")
+
+
+def _prepare(name: str, prior, target, generators, cond=None) -> tuple[torch.device, torch.Tensor, tuple[int, int, int]]:
+    if cond is not None:
+        raise NotApplicableError(f"{name} optimises pixels and uses no diffusion prior: it takes no `cond`")
     B = target.shape[0]
     if len(generators) != B:
         raise ValueError(f"need one generator per target: {len(generators)} generators for {B} targets")
@@ -234,9 +250,12 @@ class PixelInversion:
     tv_weight: float = 1.0
     objective: object = None
 
+    def __post_init__(self):
+        _check(self)
+
     def __call__(self, prior, encoder: nn.Module, target: torch.Tensor, generators: Sequence[torch.Generator],
-                 *, callback=None, progress: bool = False) -> SampleOutput:
-        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators)
+                 *, cond=None, callback=None, progress: bool = False) -> SampleOutput:
+        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators, cond)
         B = target.shape[0]
         if self.init == "noise":
             x0 = (0.5 + self.init_std * randn(generators, (C, H, W), device=dev)).clamp(0, 1)
@@ -359,9 +378,12 @@ class FourierVisualization:
     track_clean: bool = True
     objective: object = None
 
+    def __post_init__(self):
+        _check(self)
+
     def __call__(self, prior, encoder: nn.Module, target: torch.Tensor, generators: Sequence[torch.Generator],
-                 *, callback=None, progress: bool = False) -> SampleOutput:
-        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators)
+                 *, cond=None, callback=None, progress: bool = False) -> SampleOutput:
+        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators, cond)
         param = (self.sd * randn(generators, (C, H, W // 2 + 1, 2), device=dev)).requires_grad_(True)
         data = resolve_objective(self.objective)
         side = max(H, W)
@@ -443,15 +465,18 @@ class DeepInversion:
     track_clean: bool = True
     objective: object = None
 
+    def __post_init__(self):
+        _check(self)
+
     def __call__(self, prior, encoder: nn.Module, target: torch.Tensor, generators: Sequence[torch.Generator],
-                 *, callback=None, progress: bool = False) -> SampleOutput:
+                 *, cond=None, callback=None, progress: bool = False) -> SampleOutput:
         model = getattr(encoder, "model", encoder)
         label = getattr(encoder, "name", "") or type(model).__name__
         bns = _batchnorms(model)
         if not bns:
             raise NotApplicableError(f"deepinversion needs BatchNorm layers; {label} has none "
                                      f"(no nn.BatchNorm2d with running statistics in {type(model).__name__})")
-        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators)
+        dev, target, (C, H, W) = _prepare(self.name, prior, target, generators, cond)
         param = (0.5 + self.init_std * randn(generators, (C, H, W), device=dev)).clamp(0, 1).requires_grad_(True)
         data = resolve_objective(self.objective, default=FeatureMatch(relative=True))
         lim = int(round(self.jitter * W)), int(round(self.jitter * H))
@@ -473,7 +498,7 @@ class DeepInversion:
                              for b in range(img.shape[0])])
             if self.flip:
                 f = (u[:, 2] > 0.5).to(dev)
-                x = torch.where(_view(f, x), x.flip(-1), x)
+                x = torch.where(per_sample(f, x), x.flip(-1), x)
             return x
 
         def step_loss(img, _i):
@@ -513,19 +538,3 @@ class DeepInversion:
                          lr=self.lr, betas=self.betas, lr_at=lr_at, project=project,
                          track_clean=self.track_clean, transformed=self.flip or any(lim),
                          callback=callback, progress=progress)
-
-
-# -- presets -----------------------------------------------------------------------------------------------
-@register_method("pixel")
-def _pixel() -> PixelInversion:
-    return PixelInversion()
-
-
-@register_method("fourier")
-def _fourier() -> FourierVisualization:
-    return FourierVisualization()
-
-
-@register_method("deepinversion")
-def _deepinversion() -> DeepInversion:
-    return DeepInversion()

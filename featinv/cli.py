@@ -5,26 +5,36 @@
     featinv methods                                      # list method presets
     featinv layers zoo:digits-cnn                        # list an encoder's layer names
 
-Top-level options: ``--output_dir`` (results.jsonl, samples/, grids/, wandb/) and ``--wandb.*``
-(mode offline|online|disabled, project, name, group, tags). Set ``trainer.logger`` to use another
-logger instead of W&B.
+Top-level options: ``--output_dir`` (results.jsonl, samples/, grids/, wandb/; ``--trainer.
+default_root_dir`` is an alias), ``--resume auto|new_run`` (a directory written by another
+configuration is refused, or continued in a new ``run-<n>`` sub-directory), ``--skip_corrupt``,
+``--wandb.*`` (mode offline|online|disabled, project, name, group, tags) and ``--debug`` (full
+tracebacks; also ``FEATINV_DEBUG=1``). Errors print one line naming the option or file.
 """
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
+from featinv import results as R  # noqa: E402
 from featinv.callbacks import InversionLogger, PredictionWriter  # noqa: E402
 from featinv.data import TargetDataModule  # noqa: E402
 from featinv.module import InversionModule  # noqa: E402
 
 __all__ = ["FeatinvCLI", "WandbSettings", "main"]
+
+_DIR_ENV = "FEATINV_OUTPUT_DIR"  # the resolved output directory, handed to DDP worker processes
 
 
 @dataclass
@@ -37,58 +47,138 @@ class WandbSettings:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb.mode must be online, offline or disabled, got {self.mode!r}")
+
+
+class KeepConfigs(SaveConfigCallback):
+    """Saves config.yaml; if a different one is there (a resumed run with other settings), keeps it
+    and writes config.<n>.yaml, so every invocation that wrote records stays on disk. Also puts the
+    config and the git commit into the logger's run config."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = Path(trainer.log_dir)
+        text = self.parser.dump(self.config, skip_none=False)
+        name, n = "config.yaml", 1
+        while (log_dir / name).exists() and (log_dir / name).read_text() != text:
+            n += 1
+            name = f"config.{n}.yaml"
+        self.config_filename = name
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for lg in trainer.loggers:
+            lg.log_hyperparams({"config_file": self.config_filename, "git_commit": git_commit(),
+                                "model": dict(pl_module.hparams), "identity": pl_module.identity()})
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
 
 class FeatinvCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_defaults", {"inference_mode": False, "enable_checkpointing": False,
                                                "enable_model_summary": False, "devices": 1})
+        kwargs.setdefault("save_config_callback", KeepConfigs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(InversionModule, TargetDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--output_dir", type=str, default="outputs/featinv",
-                            help="where results.jsonl, samples/, grids/ and the W&B run go")
+        parser.add_argument("--output_dir", type=str | None, default=None,
+                            help="where results.jsonl, samples/, grids/ and the W&B run go (default outputs/featinv)")
+        parser.add_argument("--resume", type=str, default="auto",
+                            help="auto: continue a directory written by the same configuration, refuse another; "
+                                 "new_run: write another configuration's results into <output_dir>/run-<n>")
+        parser.add_argument("--skip_corrupt", type=bool, default=False,
+                            help="skip (and report) corrupt lines of an existing results.jsonl instead of refusing")
         parser.add_class_arguments(WandbSettings, "wandb")
-        parser.link_arguments("output_dir", "trainer.default_root_dir")
         parser.link_arguments("seed_everything", "model.seed")
 
-    def instantiate_trainer(self, **kwargs):
+    def output_dir(self) -> str:
         out = self._get(self.config_init, "output_dir")
+        root = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
+        if out and root and os.path.abspath(out) != os.path.abspath(root):
+            raise ValueError(f"--output_dir {out} and --trainer.default_root_dir {root} differ: give one "
+                             "(trainer.default_root_dir is an alias of output_dir)")
+        return out or root or "outputs/featinv"
+
+    def instantiate_trainer(self, **kwargs):
+        resume = self._get(self.config_init, "resume")
+        if resume not in ("auto", "new_run"):
+            raise ValueError(f"--resume must be auto or new_run, got {resume!r}")
+        out = os.environ.get(_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+        if out is None:  # the launching process resolves the directory once; DDP workers inherit it
+            out = str(R.check_run(Path(self.output_dir()), self.model.identity(), self.model.method_configs(),
+                                  new_run=resume == "new_run"))
+            os.environ[_DIR_ENV] = out
+        self.resolved_output_dir = out
         wb: WandbSettings = self._get(self.config_init, "wandb")
-        cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs, "default_root_dir": out}
         if cfg.get("logger") in (None, True):
             cfg["logger"] = make_wandb_logger(out, wb) if wb.mode != "disabled" else False
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        extra += [PredictionWriter(out), InversionLogger()]
+        extra += [PredictionWriter(out, skip_corrupt=self._get(self.config_init, "skip_corrupt")),
+                  InversionLogger(out)]
         return self._instantiate_trainer(cfg, extra)
 
     def after_predict(self) -> None:
-        out = self._get(self.config_init, "output_dir")
-        print(f"\nfeatinv: results  -> {os.path.join(out, 'results.jsonl')}\n"
-              f"         images   -> {os.path.join(out, 'samples')}/ , grids -> {os.path.join(out, 'grids')}/")
+        if not self.trainer.is_global_zero:
+            return
+        out = self.resolved_output_dir
+        print(f"\nfeatinv: results  -> {os.path.join(out, R.RESULTS)}\n"
+              f"         images   -> {os.path.join(out, R.SAMPLES)}/ , grids -> {os.path.join(out, R.GRIDS)}/")
         for lg in self.trainer.loggers:
             run_dir = getattr(getattr(lg, "experiment", None), "dir", None)
             if run_dir:
-                print(f"         {type(lg).__name__} run -> {os.path.dirname(run_dir)}")
-        _print_summary(os.path.join(out, "results.jsonl"))
+                run_dir = os.path.dirname(run_dir)
+                print(f"         {type(lg).__name__} run -> {run_dir}")
+                if "offline-run" in run_dir:
+                    print(f"         upload it with: wandb sync {run_dir}")
+        print("\n" + R.summary_table(R.read_dir(Path(out))))
 
 
 def make_wandb_logger(output_dir: str, wb: WandbSettings):
-    """A WandbLogger writing under output_dir; ``online`` without credentials falls back to offline."""
-    from lightning.pytorch.loggers import WandbLogger
-
+    """A WandbLogger under output_dir that continues the directory's W&B run (its id is kept in
+    run.json); ``online`` without credentials, or with a server that cannot be reached, falls
+    back to offline with a warning (local results are written either way)."""
     os.makedirs(output_dir, exist_ok=True)
-    if wb.mode not in ("online", "offline"):
-        raise ValueError(f"wandb.mode must be online, offline or disabled, got {wb.mode!r}")
-    if wb.mode == "online" and not _wandb_credentials():
+    mode = wb.mode
+    if mode == "online" and not _wandb_credentials():
         warnings.warn("featinv: wandb.mode=online but no W&B API key is configured (WANDB_API_KEY or "
                       "`wandb login`): logging offline instead; upload later with `wandb sync`.", stacklevel=2)
-        wb = WandbSettings(**{**wb.__dict__, "mode": "offline"})
-    # `mode` goes to wandb.init; WandbLogger(offline=True) would set WANDB_MODE process-wide.
-    # init_timeout bounds the wait for an unreachable server; results are written locally regardless
-    return WandbLogger(save_dir=output_dir, project=wb.project, name=wb.name, group=wb.group,
-                       tags=list(wb.tags) or None, mode=wb.mode, settings={"init_timeout": 60})
+        mode = "offline"
+    run_id = R.read_run(output_dir).get("wandb_id")
+    if run_id is None:
+        run_id = secrets.token_hex(4)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            R.update_run(output_dir, wandb_id=run_id)
+    return FallbackWandbLogger(save_dir=output_dir, project=wb.project, name=wb.name, group=wb.group,
+                               tags=list(wb.tags) or None, mode=mode, id=run_id, resume="allow",
+                               settings={"init_timeout": 30})
+
+
+class FallbackWandbLogger(WandbLogger):
+    """A WandbLogger whose ``experiment`` falls back to an offline run if wandb.init fails."""
+
+    @property
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as e:  # CommError, timeouts: the server refused or cannot be reached
+            if self._wandb_init.get("mode") == "offline":
+                raise
+            warnings.warn(f"featinv: W&B online run failed ({type(e).__name__}: {str(e)[:120]}); logging "
+                          "offline instead; upload later with `wandb sync`.", stacklevel=2)
+            self._wandb_init["mode"] = "offline"
+            self._experiment = None
+            return super().experiment
 
 
 def _wandb_credentials() -> bool:
@@ -103,31 +193,9 @@ def _wandb_credentials() -> bool:
         return False
 
 
-def _print_summary(path: str) -> None:
-    import json
-    from collections import defaultdict
-
-    if not os.path.exists(path):
-        return
-    agg, skipped = defaultdict(list), 0
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "skipped" in r:
-                skipped += 1
-                continue
-            agg[(r["dataset"], r["method"])].append(r)
-    print(f"\n{'dataset':<16}{'method':<16}{'n':>5}{'final_cos':>11}{'best_cos':>10}{'nfe':>7}{'s/img':>8}")
-    for (d, m), rs in sorted(agg.items()):
-        n = len(rs)
-        print(f"{d:<16}{m:<16}{n:>5}{sum(r['final_cos'] for r in rs) / n:>11.4f}"
-              f"{sum(r['best_cos'] for r in rs) / n:>10.4f}{rs[0]['nfe']:>7}{sum(r['seconds'] for r in rs) / n:>8.3f}")
-    if skipped:
-        print(f"{skipped} record(s) skipped (see 'skipped' in results.jsonl)")
-
-
 def _layers(argv: list[str]) -> None:
-    from featinv.encoders import build_encoder, list_layers
+    from featinv.encoders import list_layers
+    from featinv.specs import build_encoder
 
     if not argv:
         sys.exit("usage: featinv layers <encoder spec>, e.g. featinv layers zoo:digits-cnn")
@@ -140,27 +208,49 @@ def _layers(argv: list[str]) -> None:
 
 USAGE = """usage: featinv predict -c CONFIG.yaml [--key value ...]   run inversions (--help for all options)
        featinv methods                                   list method presets
-       featinv layers ENCODER_SPEC                       list an encoder's layer names"""
+       featinv layers ENCODER_SPEC                       list an encoder's layer names
+       add --debug (or FEATINV_DEBUG=1) to any command for full tracebacks"""
 
 
-def main(args=None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
-    command, rest = (argv[0], argv[1:]) if argv else ("", [])
-    if command == "layers":
-        return _layers(rest)
-    if command == "methods":
-        from featinv.guidance import list_methods
+def _sigterm(signum, frame):
+    """SIGTERM (``timeout``, schedulers) stops a run as Ctrl-C does: promptly, results kept."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
-        print("\n".join(list_methods()))
-        return None
-    if command != "predict":
-        sys.exit(USAGE)
+
+def _predict(rest: list[str]) -> None:
     # Predictions are written by PredictionWriter as batches finish, never kept in memory.
     with warnings.catch_warnings():  # "args and sys.argv both given": we strip the subcommand on purpose
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         cli = FeatinvCLI(args=rest, run=False)
+    signal.signal(signal.SIGTERM, _sigterm)  # Lightning chains its own SIGTERM handler before this one
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     cli.after_predict()
+
+
+def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get("FEATINV_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        if command == "layers":
+            return _layers(rest)
+        if command == "methods":
+            from featinv.methods import list_methods
+
+            print("\n".join(list_methods()))
+            return None
+        if command != "predict":
+            sys.exit(USAGE)
+        _predict(rest)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # a user error (bad option, missing file, unknown name): one line, no traceback
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"featinv: error: {msg}\n(run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
     return None
 
 

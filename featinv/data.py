@@ -1,7 +1,9 @@
 """Targets to invert: image folders, feature files, prompts, the embedded digits; one DataModule.
 
-Every item is a dict: ``dataset`` (name), ``index``, ``label`` (-1 if unknown) and exactly one of
-``image`` (C, H, W in [0, 1]), ``feature`` (D,) or ``text``; empty tensors / "" stand for absent.
+Every item is a dict: ``dataset`` (name), ``index``, ``label`` (-1 if unknown), exactly one of
+``image`` (C, H, W in [0, 1]), ``feature`` (D,) or ``text``, and an optional ``prompt`` that
+conditions a text-to-image prior for that target; empty tensors / "" stand for absent.
+Options are checked when a dataset is built; each problem is one error naming the file or option.
 """
 from __future__ import annotations
 
@@ -23,21 +25,31 @@ class TargetSource(Dataset):
 
     name: str = "targets"
 
-    def item(self, index: int, label: int = -1, image=_EMPTY, feature=_EMPTY, text: str = "") -> dict:
+    def item(self, index: int, label: int = -1, image=_EMPTY, feature=_EMPTY, text: str = "", prompt: str = "") -> dict:
         return {"dataset": self.name, "index": index, "label": int(label), "image": image,
-                "feature": feature, "text": text}
+                "feature": feature, "text": text, "prompt": prompt}
 
     def _limit(self, n: int, limit: int | None) -> int:
+        _check_int(limit, "limit", self.name, allow_none=True)
         if n == 0:
             raise ValueError(f"dataset {self.name!r} is empty")
         return n if limit is None else min(n, limit)
 
 
+def _check_int(v, option: str, dataset: str, allow_none: bool = False, minimum: int = 1) -> None:
+    if v is None and allow_none:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"dataset {dataset!r}: {option}={v!r} is invalid; it must be an integer >= {minimum}"
+                         + (" or null" if allow_none else ""))
+
+
 class ImageTargets(TargetSource):
     """Images under ``root``: an ``ImageFolder`` layout (class sub-folders -> labels) or a flat folder.
 
-    Images are converted to ``channels`` (1 = grey, 3 = RGB; RGBA and 16-bit handled), resized to
-    ``size`` if given, and scaled to [0, 1].
+    Images are converted to ``channels`` (1 = grey, 3 = RGB; RGBA, 16-bit and 32-bit float
+    handled: a float image is taken as [0, 1], or [0, 255] if its maximum exceeds 1), resized to
+    ``size`` if given, and scaled to [0, 1]. Images of different sizes need ``size``.
     """
 
     def __init__(self, root: str, name: str | None = None, size: int | None = None, channels: int = 3,
@@ -46,25 +58,51 @@ class ImageTargets(TargetSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
         self.name = name or self.root.name
+        _check_int(size, "size", self.name, allow_none=True)
+        if channels not in (1, 3):
+            raise ValueError(f"dataset {self.name!r}: channels={channels!r} is invalid; it must be 1 or 3")
         self.size, self.channels = size, channels
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         classes = sorted({p.parent.name for p in files if p.parent != self.root})
         self.classes = {c: i for i, c in enumerate(classes)}
         self.files = files[: self._limit(len(files), limit)]
+        if size is None:
+            self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Images are batched: without ``size`` they must all have one size (headers only are read)."""
+        sizes = {}
+        for i, path in enumerate(self.files):
+            with self._open(path, i) as im:
+                sizes.setdefault(im.size, path)
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h} ({p.name})" for (w, h), p in list(sizes.items())[:3])
+            raise ValueError(f"dataset {self.name!r}: images in {str(self.root)!r} have different sizes ({shown}): "
+                             "set `size` (e.g. size: 32) to resize them to one")
+
+    def _open(self, path: Path, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"cannot read image {str(path)!r} (dataset {self.name!r}, index {i}): it is larger than "
+                             f"PIL's decompression-bomb limit ({e}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                             "if you trust the file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {str(path)!r} (dataset {self.name!r}, index {i}): {e}") from None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image, UnidentifiedImageError
-
         path = self.files[i]
-        try:
-            with Image.open(path) as im:
+        with self._open(path, i) as im:
+            try:
                 im.load()
                 arr = _to_array(im, self.channels)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {str(path)!r} (dataset {self.name!r}, index {i}): {e}") from e
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"cannot read image {str(path)!r} (dataset {self.name!r}, index {i}): {e}") from None
         img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         if self.size is not None:
             img = torch.nn.functional.interpolate(img[None], size=(self.size, self.size), mode="bilinear",
@@ -73,7 +111,14 @@ class ImageTargets(TargetSource):
 
 
 def _to_array(im, channels: int) -> np.ndarray:
-    """PIL image (any mode: L, RGB, RGBA, I;16, P, ...) -> float32 (H, W, C) in [0, 1]."""
+    """PIL image (any mode: L, RGB, RGBA, I;16, F, P, ...) -> float32 (H, W, C) in [0, 1]."""
+    if im.mode == "F":  # 32-bit float (TIFF): [0, 1], or [0, 255] if larger
+        arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("float image contains NaN/inf")
+        arr = arr / 255.0 if arr.max() > 1.0 else arr
+        arr = np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr[..., None]
+        return np.clip(arr, 0, 1)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float32)
         arr = arr / (65535.0 if arr.max() > 255 else 255.0)
@@ -110,6 +155,19 @@ class FeatureTargets(TargetSource):
 def _load_features(path: Path, key: str, labels_key: str):
     if not path.exists():
         raise FileNotFoundError(f"feature file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"feature file {str(path)!r} is empty (0 bytes)")
+    try:
+        return _read_features(path, key, labels_key)
+    except (KeyError, ValueError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"cannot read feature file {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot read feature file {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _read_features(path: Path, key: str, labels_key: str):
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -135,6 +193,8 @@ class TextTargets(TargetSource):
 
     def __init__(self, prompts: list[str] | str, name: str = "text"):
         if isinstance(prompts, str):
+            if not Path(prompts).is_file():
+                raise FileNotFoundError(f"prompt file {prompts!r} does not exist (give a list of prompts or a file)")
             prompts = [ln.strip() for ln in Path(prompts).read_text().splitlines() if ln.strip()]
         self.name, self.prompts = name, list(prompts)
         self._limit(len(self.prompts), None)
@@ -153,6 +213,8 @@ class DigitsTargets(TargetSource):
         from featinv.zoo.digits import load_digits
 
         self.name = name or f"digits-{split}"
+        if split not in ("train", "test"):
+            raise ValueError(f"dataset {self.name!r}: split={split!r} is invalid; it must be 'train' or 'test'")
         images, labels = load_digits(split)
         n = self._limit(len(images), limit)
         self.images, self.labels = images[:n], labels[:n]
@@ -171,6 +233,8 @@ class TargetDataModule(L.LightningDataModule):
         super().__init__()
         if not datasets:
             raise ValueError("TargetDataModule needs at least one dataset")
+        _check_int(batch_size, "batch_size", "data")
+        _check_int(num_workers, "num_workers", "data", minimum=0)
         names = [d.name for d in datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}: set `name` on each")

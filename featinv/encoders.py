@@ -5,7 +5,13 @@ optional straight-through 8-bit rounding as Shirahama et al. 2025 do before the 
 model's activation at ``layer`` captured by a forward hook; the forward pass stops right after that
 layer, so shallow layers cost a shallow pass.
 
-Models are named by one string spec, ``family:name[@layer]`` (see ``build_encoder``).
+A module can run several times in one forward pass (torchvision ResNets call each block's ``relu``
+three times): ``call`` picks which call is the feature, the **last** by default (the output the
+module hands on), or a 0-based index. ``activation(img)`` gives the layer's raw output (e.g. a
+(B, C, H, W) map), and ``run_from(img, edit)`` runs the rest of the network with that output
+replaced by ``edit(output)`` (interventions, EDDP's f+).
+
+Models are named by one string spec, ``family:name[/weights][@layer][?options]`` (``featinv.specs``).
 """
 from __future__ import annotations
 
@@ -15,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.registry import Registry, load_builtin_families, suggest
+from featinv.specs import suggest
 
-__all__ = ["Encoder", "build_encoder", "register_encoder", "list_layers", "ENCODERS"]
+__all__ = ["Encoder", "list_layers"]
 
 
 class _Stop(Exception):
@@ -37,12 +43,16 @@ class Encoder(nn.Module):
         pool: how a non-flat activation becomes a vector: ``None`` (flatten), ``"cls"`` (token 0
             of a (B, N, D) sequence), ``"avg"`` (mean over spatial dims or tokens).
         quantize: straight-through rounding to 8 bits (the decoded image a user would save).
+        interpolation: resize mode.
+        call: which call of ``layer`` is the feature when the module runs several times per
+            forward: ``None`` = the last (default), or a 0-based index.
         name: a label for logs and results.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, *, input_size: int | Sequence[int] | None = None,
                  in_chans: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 pool: str | None = None, quantize: bool = False, interpolation: str = "bilinear", name: str = ""):
+                 pool: str | None = None, quantize: bool = False, interpolation: str = "bilinear",
+                 call: int | None = None, name: str = ""):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.layer = layer
@@ -60,6 +70,8 @@ class Encoder(nn.Module):
         self.interpolation = interpolation
         self.name = name or type(model).__name__
         self._module = None if layer is None else _find_layer(model, layer)
+        self.call = call
+        self._calls: int | None = None  # how often ``layer`` runs per forward (counted once)
         self._dim: int | None = None
 
     # -- preprocessing -------------------------------------------------------------------------
@@ -88,29 +100,71 @@ class Encoder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self._to_vector(self.activation(img)).float()
+
+    def _model_input(self, img: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(img)
         dtype = next(self.model.parameters(), torch.empty(0)).dtype
-        x = x.to(dtype) if dtype.is_floating_point else x
-        if self._module is None:
-            out = self.model(x)
-        else:
-            store: dict[str, torch.Tensor] = {}
+        return x.to(dtype) if dtype.is_floating_point else x
 
-            def hook(_m, _i, o):
-                store["out"] = o[0] if isinstance(o, (tuple, list)) else o
-                raise _Stop
-
-            handle = self._module.register_forward_hook(hook)
+    def _target_call(self, x: torch.Tensor) -> int:
+        """0-based index of the call of ``layer`` that is the feature."""
+        if self._calls is None:
+            count = [0]
+            handle = self._module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
             try:
-                self.model(x)
-            except _Stop:
-                pass
+                with torch.no_grad():
+                    self.model(x[:1])
             finally:
                 handle.remove()
-            if "out" not in store:
+            self._calls = count[0]
+            if self._calls == 0:
                 raise RuntimeError(f"{self.name}: layer {self.layer!r} did not run in the forward pass")
-            out = store["out"]
-        return self._to_vector(out).float()
+        k = self._calls - 1 if self.call is None else self.call
+        if not 0 <= k < self._calls:
+            raise ValueError(f"{self.name}: layer {self.layer!r} runs {self._calls} time(s) per forward; "
+                             f"call={self.call} is out of range")
+        return k
+
+    def activation(self, img: torch.Tensor) -> torch.Tensor:
+        """The raw output of ``layer`` (not pooled or flattened), e.g. (B, C, H, W)."""
+        x = self._model_input(img)
+        if self._module is None:
+            out = self.model(x)
+            return next(iter(out.values())) if isinstance(out, dict) else out
+        target, seen, store = self._target_call(x), [0], {}
+
+        def hook(_m, _i, o):
+            if seen[0] == target:
+                store["out"] = o[0] if isinstance(o, (tuple, list)) else o
+                raise _Stop
+            seen[0] += 1
+
+        handle = self._module.register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return store["out"]
+
+    def run_from(self, img: torch.Tensor, edit) -> torch.Tensor:
+        """The model's output with ``layer``'s output (the feature's call) replaced by ``edit(output)``."""
+        if self._module is None:
+            raise ValueError(f"{self.name}: run_from needs a named layer")
+        x = self._model_input(img)
+        target, seen = self._target_call(x), [0]
+
+        def hook(_m, _i, o):
+            k, seen[0] = seen[0], seen[0] + 1
+            return edit(o) if k == target else None
+
+        handle = self._module.register_forward_hook(hook)
+        try:
+            return self.model(x)
+        finally:
+            handle.remove()
 
     def _to_vector(self, out: torch.Tensor) -> torch.Tensor:
         if isinstance(out, dict):
@@ -133,7 +187,8 @@ class Encoder(nn.Module):
         return self._dim
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, layer={self.layer!r}, input_size={self.input_size}, pool={self.pool!r}"
+        return (f"name={self.name!r}, layer={self.layer!r}, call={self.call}, input_size={self.input_size}, "
+                f"pool={self.pool!r}, quantize={self.quantize}")
 
 
 def list_layers(model: nn.Module) -> list[str]:
@@ -147,19 +202,3 @@ def _find_layer(model: nn.Module, layer: str) -> nn.Module:
         return modules[layer]
     raise KeyError(f"unknown layer {layer!r} in {type(model).__name__}.{suggest(layer, modules)} "
                    f"(`featinv layers <encoder>` lists all {len(modules) - 1} names)")
-
-
-# -- registry of string specs -------------------------------------------------------------------
-ENCODERS = Registry("encoder", load_builtin_families)
-register_encoder = ENCODERS.register
-
-
-def build_encoder(spec: "str | Encoder", **kw) -> Encoder:
-    """Build an encoder from a spec ``family:name[@layer]``, e.g. ``zoo:digits-cnn@penultimate``.
-
-    Families: ``zoo`` (the embedded digits models) and, with the real-model zoo, ``timm``,
-    ``torchvision`` and ``clip``. An ``Encoder`` instance passes through unchanged.
-    """
-    if isinstance(spec, nn.Module):
-        return spec
-    return ENCODERS.build(spec, **kw)

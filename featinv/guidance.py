@@ -2,72 +2,47 @@
 
 Shirahama et al. (2025), "Feature Space Analysis by Guided Diffusion Model", is the reference
 (preset ``shirahama2025``); DPS, FreeDoM, MPGD, Universal Guidance and TFG are presets of the
-same step, following TFG's unified form (Ye et al. 2024, Alg. 1). At sampling step t, repeated
-K(t) times (self-recurrence, Bansal et al. 2023):
+same step, following TFG's unified form (Ye et al. 2024, Alg. 1). At sampling step t (next step
+t', a_t = alphas_cumprod[t], a' = alphas_cumprod[t'], 1 after the last step), repeated K(t) times
+(self-recurrence, Bansal et al. 2023):
 
-    eps   = eps_theta(z_t, t)
+    eps   = eps_theta(z_t, t | cond)
     x0    = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)                  # Tweedie (DDPM Eq. 15)
     L     = loss(f(decode(x0)), f_s)                               # ||f - f_s||^2 per sample
     g     = shape(dL/dz_t)                                         # through the UNet
     eps'  = eps + w(t) g                                           # Shirahama: w = 4, rescale, clamp
     x0'   = x0 - mu(t) shape(dL/dx0), N times                      # no UNet backward (MPGD, TFG mu)
-    z_{t-1} = DDIM(eps', z_t) - rho(t) g + sqrt(a_{t-1}) (x0' - x0)   # DPS / FreeDoM / TFG rho
-    if k < K(t): z_t = sqrt(a_t / a_{t-1}) z_{t-1} + sqrt(1 - a_t / a_{t-1}) xi     # re-noise
+    z_t'  = DDIM(eps', z_t) - rho(t) g + sqrt(a') (x0' - x0)       # DPS / FreeDoM / TFG rho
+    if k < K(t): z_t = sqrt(a_t / a') z_t' + sqrt(1 - a_t / a') xi  # re-noise
 
 shape() rescales per sample (to ||eps|| as Shirahama et al., by sqrt(L) as DPS, to the unguided
 step as FreeDoM, or to unit RMS), then optionally clamps element-wise to mean ± k·std and clips
 the norm. The x0 along the trajectory closest to f_s is kept as ``best``; with ``stop_cos`` a
 sample stops (and keeps its best image) once its cosine reaches the threshold.
 
-DDPM ancestral sampling is DDIM with eta = 1 on the training timesteps (Song et al. 2021, Eq. 16
-with sigma_t^2 = beta~_t): diffusers' ``DDIMScheduler`` serves both and takes each sample's noise
-from its own generator. Every statistic is per sample: results do not depend on the batch.
+DDIM (Song et al. 2021, Eq. 12) with eta = 1 on the training timesteps is DDPM ancestral sampling
+(sigma_t^2 = beta~_t). ``ddim_step`` computes its coefficients in float64: with a cosine schedule
+a_T ~ 1e-9, and 1 - a' - sigma^2 is a difference of nearly equal numbers that float32 rounds
+below zero (NaN). Every statistic is per sample: results do not depend on the batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from featinv.contract import Callback, SampleOutput, per_sample, progress_bar, randn
 from featinv.metrics import cosine
 from featinv.objectives import resolve_objective
-from featinv.schedules import recurrence_counts, weight_multipliers
+from featinv.priors import CLAMPS
+from featinv.schedules import WEIGHT_SCHEDULES, recurrence_counts, weight_multipliers
 
-__all__ = ["Guidance", "SampleOutput", "PRESETS", "get_method", "list_methods", "register_method", "randn",
-           "make_generators", "rescale_to", "clamp_std"]
+__all__ = ["Guidance", "guided_sample", "ddim_step", "rescale_to", "clamp_std", "shape_grad", "NORMS"]
 
-Callback = Callable[[dict], None]
 NORMS = ("none", "eps", "loss", "step", "unit")
-
-
-# -- per-sample randomness -----------------------------------------------------------------------
-def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample: a target's noise depends on its own seed only."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-
-def randn(generators: Sequence[torch.Generator], shape: Sequence[int], device=None, dtype=torch.float32):
-    """Stack of per-sample standard normals, shape (B, *shape)."""
-    z = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
-    return z.to(device=device, dtype=dtype)
-
-
-# -- outputs ---------------------------------------------------------------------------------------
-@dataclass
-class SampleOutput:
-    """What every method returns for a batch of B targets (tensors on CPU)."""
-
-    images: torch.Tensor  # (B, C, H, W) final images in [0, 1]
-    best_images: torch.Tensor  # (B, C, H, W) best along the trajectory (lowest distance)
-    distances: torch.Tensor  # (B, S) objective (feature distance) at every step
-    best_distance: torch.Tensor  # (B,)
-    nfe: torch.Tensor  # (B,) prior (UNet) evaluations per sample
-    backward: torch.Tensor  # (B,) backward passes through the prior per sample
-    nonfinite: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (B,)
 
 
 # -- gradient shaping --------------------------------------------------------------------------------
@@ -75,20 +50,16 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1)))
-
-
 def rescale_to(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """g * ||ref|| / ||g||, per sample (Shirahama et al. 2025: gradient scaled to the noise norm)."""
     gn = _flat(g).norm(dim=1).clamp_min(1e-12)
-    return g * _view(_flat(ref).norm(dim=1) / gn, g)
+    return g * per_sample(_flat(ref).norm(dim=1) / gn, g)
 
 
 def clamp_std(g: torch.Tensor, k: float) -> torch.Tensor:
     """Element-wise clamp to mean ± k·std of the sample's own gradient."""
     m, s = _flat(g).mean(dim=1), _flat(g).std(dim=1)
-    return torch.clamp(g, _view(m - k * s, g), _view(m + k * s, g))
+    return torch.clamp(g, per_sample(m - k * s, g), per_sample(m + k * s, g))
 
 
 def shape_grad(g, norm: str, *, clamp_k=None, clip_norm=None, eps=None, loss=None, step=None) -> torch.Tensor:
@@ -98,20 +69,42 @@ def shape_grad(g, norm: str, *, clamp_k=None, clip_norm=None, eps=None, loss=Non
     elif norm == "step":
         g = rescale_to(g, step)
     elif norm == "loss":  # DPS (Chung et al. 2023, Alg. 1): zeta / ||y - A(x0)||
-        g = g / _view(loss.detach().clamp_min(1e-12).sqrt(), g)
+        g = g / per_sample(loss.detach().clamp_min(1e-12).sqrt(), g)
     elif norm == "unit":  # unit RMS per element
-        g = g / _view(_flat(g).pow(2).mean(dim=1).sqrt().clamp_min(1e-12), g)
+        g = g / per_sample(_flat(g).pow(2).mean(dim=1).sqrt().clamp_min(1e-12), g)
     if clamp_k is not None:
         g = clamp_std(g, clamp_k)
     if clip_norm is not None:
-        g = g * _view((clip_norm / _flat(g).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0), g)
+        g = g * per_sample((clip_norm / _flat(g).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0), g)
     return g
 
 
 def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the gradient of samples where it is NaN/inf; return it and the mask of such samples."""
     bad = ~torch.isfinite(_flat(g)).all(dim=1)
-    return (torch.where(_view(bad, g), torch.zeros_like(g), g) if bad.any() else g), bad
+    return (torch.where(per_sample(bad, g), torch.zeros_like(g), g) if bad.any() else g), bad
+
+
+# -- the DDIM / DDPM update -------------------------------------------------------------------------
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, eta: float,
+              noise: torch.Tensor | None = None, x0_range: float | None = None) -> torch.Tensor:
+    """z_{t'} from z_t and eps (Song et al. 2021, Eq. 12); eta = 1 is DDPM's posterior sample.
+
+    ``x0_range`` clips x0-hat in the update and recomputes eps from it, as DDPM's ``clip_sample``
+    with diffusers' ``use_clipped_model_output``. Coefficients are float64 (see module docstring).
+    """
+    a_t, a_prev = float(a_t), float(a_prev)
+    x0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    if x0_range is not None:
+        x0 = x0.clamp(-x0_range, x0_range)
+        eps = (z - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    z_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        z_prev = z_prev + sigma * noise
+    return z_prev
 
 
 # -- the guided sampler -------------------------------------------------------------------------------
@@ -119,17 +112,18 @@ def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Guidance:
     """A training-free guided sampler: every knob of the step function in the module docstring.
 
-    Sampler: ``steps`` (1000 = every training timestep), ``eta`` (1 = DDPM ancestral, 0 = DDIM).
-    z_t-gradient (backpropagates through the prior): ``weight`` w added to eps, ``z_weight`` rho
-    subtracted from z_{t-1}; shaped by ``norm`` (none | eps | loss | step | unit), ``clamp_k``,
-    ``clip_norm``. x0-gradient (no prior backward): ``x0_weight`` mu, ``x0_iters``, ``x0_norm``.
-    ``sigma``, ``mc_samples``: Monte-Carlo smoothing of the loss at x0 + sigma sqrt(1-a_t) n (TFG).
-    ``schedule``/``window``: per-step multiplier of w, rho and mu (see featinv.schedules).
-    ``recurrence``, ``early_steps``, ``early_recurrence``, ``recurrence_window``: K(t).
-    ``stop_cos``: adaptive compute: a sample stops once cos(f(x0), f_s) >= stop_cos; its final
-    image is that x0-hat, and ``best_images`` still holds the best of its trajectory.
+    Sampler: ``steps`` (1000 = every training timestep of a 1000-step prior), ``eta`` (1 = DDPM
+    ancestral, 0 = DDIM). z_t-gradient (backpropagates through the prior): ``weight`` w added to
+    eps, ``z_weight`` rho subtracted from z_{t'}; shaped by ``norm`` (none | eps | loss | step |
+    unit), ``clamp_k``, ``clip_norm``. x0-gradient (no prior backward): ``x0_weight`` mu,
+    ``x0_iters``, ``x0_norm``. ``sigma``, ``mc_samples``: Monte-Carlo smoothing of the loss at
+    x0 + sigma sqrt(1-a_t) n (TFG). ``schedule``/``window``: per-step multiplier of w, rho and mu
+    (``featinv.schedules``). ``recurrence``, ``early_steps``, ``early_recurrence``,
+    ``recurrence_window``: K(t). ``stop_cos``: a sample stops once cos(f(x0), f_s) >= stop_cos; its
+    final image is that x0-hat. ``decode_clamp``: how the decoded image is clamped to [0, 1] inside
+    the loss (``hard``, zero gradient on saturated pixels, as the reference; ``straight_through``).
     ``objective``: loss(feature, target) -> (B,) to minimise (default ||f - f_s||^2), or a spec
-    such as ``"unit:7"`` / ``{kind: activation, index: 7}`` (see featinv.objectives).
+    such as ``"unit:7"`` (``featinv.objectives``).
     """
 
     name: str = "guided"
@@ -152,15 +146,15 @@ class Guidance:
     early_recurrence: int = 1000
     recurrence_window: tuple[float, float] | None = None
     stop_cos: float | None = None
-    objective: Callable | str | dict | None = None
+    decode_clamp: str = "hard"
+    objective: object = None
 
     def __post_init__(self):
-        if self.norm not in NORMS or self.x0_norm not in NORMS:
-            raise ValueError(f"norm and x0_norm must be one of {NORMS}")
-        if self.norm == "step" and self.weight != 0:
-            raise ValueError("norm='step' scales to the unguided z-step: it applies to z_weight, not weight")
-        if self.x0_norm in ("eps", "step"):
-            raise ValueError("x0_norm must be 'none', 'loss' or 'unit'")
+        for k in ("window", "recurrence_window"):  # YAML gives lists
+            if isinstance(getattr(self, k), list):
+                setattr(self, k, tuple(getattr(self, k)))
+        _check(self)
+        self.loss_fn = resolve_objective(self.objective)
 
     def recurrences(self) -> list[int]:
         """K(t) for each of the ``steps`` sampling steps."""
@@ -179,50 +173,79 @@ class Guidance:
         """Prior evaluations per sample when no sample stops early."""
         return sum(self.recurrences())
 
-    def __call__(self, prior, encoder: nn.Module, target: torch.Tensor, generators: Sequence[torch.Generator],
-                 *, callback: Callback | None = None, progress: bool = False) -> SampleOutput:
-        return guided_sample(self, prior, encoder, target, generators, callback=callback, progress=progress)
+    def __call__(self, prior, encoder: nn.Module, target: torch.Tensor, generators: Sequence[torch.Generator], *,
+                 cond: torch.Tensor | None = None, callback: Callback | None = None,
+                 progress: bool = False) -> SampleOutput:
+        return guided_sample(self, prior, encoder, target, generators, cond=cond, callback=callback,
+                             progress=progress)
 
 
-def _scheduler(prior, steps: int):
-    from diffusers import DDIMScheduler
+def _check(g: Guidance) -> None:
+    """Refuse, at construction, every setting that cannot give a correct result."""
+    def bad(field, allowed):
+        raise ValueError(f"method {g.name!r}: {field}={getattr(g, field)!r} is invalid; {allowed}")
 
-    # x0 clipping acts on the update only (our gradient is taken on the unclipped x0-hat);
-    # with use_clipped_model_output the DDIM(eta=1) step stays the DDPM posterior step.
-    clip = prior.x0_range is not None
-    sched = DDIMScheduler.from_config(prior.scheduler_config, clip_sample=clip,
-                                      clip_sample_range=prior.x0_range or 1.0, set_alpha_to_one=True,
-                                      timestep_spacing="trailing", thresholding=False,
-                                      prediction_type="epsilon")  # the prior already returns eps
-    sched.set_timesteps(steps, device=prior.device)
-    return sched
+    def finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for k in ("steps", "recurrence", "early_recurrence", "x0_iters", "mc_samples"):
+        v = getattr(g, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            bad(k, "it must be an integer >= 1")
+    if not isinstance(g.early_steps, int) or g.early_steps < 0:
+        bad("early_steps", "it must be an integer >= 0")
+    if not finite(g.eta) or not 0 <= g.eta <= 1:
+        bad("eta", "it must be in [0, 1] (1 = DDPM ancestral, 0 = DDIM)")
+    for k in ("weight", "z_weight", "x0_weight", "sigma"):
+        if not finite(getattr(g, k)) or getattr(g, k) < 0:
+            bad(k, "it must be a finite number >= 0")
+    for k in ("clamp_k", "clip_norm"):
+        v = getattr(g, k)
+        if v is not None and (not finite(v) or v <= 0):
+            bad(k, "it must be a finite number > 0, or null to switch it off")
+    if g.norm not in NORMS:
+        bad("norm", f"choose from {NORMS}")
+    if g.x0_norm not in ("none", "loss", "unit"):
+        bad("x0_norm", "choose from ('none', 'loss', 'unit')")
+    if g.norm == "step" and g.weight != 0:
+        bad("norm", "norm='step' scales to the unguided z-step: it applies to z_weight, not weight (set weight: 0)")
+    if g.schedule not in WEIGHT_SCHEDULES:
+        bad("schedule", f"choose from {WEIGHT_SCHEDULES}")
+    for k in ("window", "recurrence_window"):
+        v = getattr(g, k)
+        if v is not None and not (len(v) == 2 and all(finite(p) for p in v) and 0 <= v[0] <= v[1] <= 1):
+            bad(k, "it must be [p0, p1] with 0 <= p0 <= p1 <= 1 (progress from the first to the last step)")
+    if g.stop_cos is not None and (not finite(g.stop_cos) or not -1 < g.stop_cos <= 1):
+        bad("stop_cos", "it must be in (-1, 1], or null")
+    if g.decode_clamp not in CLAMPS:
+        bad("decode_clamp", f"choose from {CLAMPS}")
 
 
 class _Step:
     """One guided step for the active samples; the loop in ``guided_sample`` repeats it."""
 
-    def __init__(self, cfg: Guidance, prior, encoder, sched):
-        self.cfg, self.prior, self.encoder, self.sched = cfg, prior, encoder, sched
-        self.loss_fn = resolve_objective(cfg.objective)
+    def __init__(self, cfg: Guidance, prior, encoder):
+        self.cfg, self.prior, self.encoder, self.loss_fn = cfg, prior, encoder, cfg.loss_fn
 
     def loss(self, x0, target, gens, a_t):
         """Objective at decode(x0) (Monte-Carlo smoothed if sigma > 0); plus features and image."""
-        img = self.prior.decode(x0)
+        decode = lambda x: self.prior.decode(x, clamp=self.cfg.decode_clamp)  # noqa: E731
+        img = decode(x0)
         feat = self.encoder(img)
         loss = self.loss_fn(feat, target)
         if self.cfg.sigma > 0:
-            std = self.cfg.sigma * float((1 - a_t).sqrt())
-            smooth = [self.loss_fn(self.encoder(self.prior.decode(x0 + std * randn(gens, x0.shape[1:], x0.device))),
-                                   target) for _ in range(self.cfg.mc_samples)]
+            std = self.cfg.sigma * math.sqrt(1 - a_t)
+            smooth = [self.loss_fn(self.encoder(decode(x0 + std * randn(gens, x0.shape[1:], x0.device))), target)
+                      for _ in range(self.cfg.mc_samples)]
             return torch.stack(smooth).mean(0), loss, feat, img
         return loss, loss, feat, img
 
-    def __call__(self, z, t, a_t, a_prev, mult, target, gens):
+    def __call__(self, z, t, a_t, a_prev, mult, target, gens, cond):
         cfg = self.cfg
         with torch.enable_grad() if cfg.z_grad else torch.no_grad():
             zt = z.detach().requires_grad_(cfg.z_grad)
-            eps = self.prior.eps(zt, t).float()
-            x0 = (zt - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            eps = self.prior.eps(zt, t, cond).float()
+            x0 = (zt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)  # Tweedie
             smooth, loss, feat, img = self.loss(x0, target, gens, a_t)
             g = bad = None
             if cfg.z_grad and mult != 0:
@@ -234,13 +257,12 @@ class _Step:
                                                        eps=eps, loss=loss)
         delta0 = self.x0_guidance(x0, target, gens, a_t, mult)
         noise = randn(gens, z.shape[1:], device=z.device) if cfg.eta > 0 else None
-        z_prev = self.sched.step(eps, t, zt, eta=cfg.eta, variance_noise=noise,
-                                 use_clipped_model_output=True).prev_sample
+        z_prev = ddim_step(zt, eps, a_t, a_prev, cfg.eta, noise, self.prior.x0_range)
         if g is not None and cfg.z_weight != 0:
             z_prev = z_prev - cfg.z_weight * mult * shape_grad(
                 g, cfg.norm, clamp_k=cfg.clamp_k, clip_norm=cfg.clip_norm, eps=eps, loss=loss, step=z_prev - zt)
         if delta0 is not None:
-            z_prev = z_prev + a_prev.sqrt() * delta0
+            z_prev = z_prev + math.sqrt(a_prev) * delta0
         nonfinite = bad if bad is not None else torch.zeros(len(z), dtype=torch.bool, device=z.device)
         return z_prev, img.detach(), loss, feat.detach(), nonfinite, g is not None
 
@@ -260,38 +282,42 @@ class _Step:
         return x - x0
 
 
-def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback=None, progress=False) -> SampleOutput:
+def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, cond=None, callback=None,
+                  progress=False) -> SampleOutput:
     """Run the guided reverse process for a batch of target features ``target`` (B, D)."""
-    if cfg.steps > prior.num_train_timesteps:  # e.g. a 1000-step preset on a 100-step prior
-        cfg = dataclasses.replace(cfg, steps=prior.num_train_timesteps)
-    sched = _scheduler(prior, cfg.steps)
-    acp = prior.alphas_cumprod.float()
+    T = prior.num_train_timesteps
+    if cfg.steps > T:
+        raise ValueError(f"method {cfg.name!r}: steps={cfg.steps} exceeds the prior's {T} training timesteps; "
+                         f"set steps <= {T}")
     dev, B = prior.device, target.shape[0]
     if len(generators) != B:
         raise ValueError(f"need one generator per target: {len(generators)} generators for {B} targets")
+    if cond is not None and cond.shape[0] != B:
+        raise ValueError(f"cond has {cond.shape[0]} rows for {B} targets")
     target = target.to(dev).float()
-    step = _Step(cfg, prior, encoder, sched)
-    timesteps = [int(t) for t in sched.timesteps]
-    step_ratio = prior.num_train_timesteps // cfg.steps
+    acp = prior.alphas_cumprod.double().cpu()
+    timesteps = prior.sampling_timesteps(cfg.steps)
+    alphas = [float(acp[t]) for t in timesteps] + [1.0]  # a' after the last step is 1 (x0 itself)
+    step = _Step(cfg, prior, encoder)
     ks = cfg.recurrences()
-    mults = weight_multipliers(cfg.schedule, timesteps, acp, step_ratio, cfg.window)
+    mults = weight_multipliers(cfg.schedule, timesteps, acp, cfg.window)
     z = randn(generators, prior.latent_shape, device=dev)
     distances = torch.zeros(B, len(timesteps))
     best_d, best_img = torch.full((B,), math.inf), None
     nfe, backward, nonfinite = (torch.zeros(B, dtype=torch.long) for _ in range(3))
     active = torch.ones(B, dtype=torch.bool)
     final = None  # (B, C, H, W), allocated at the first decoded image
-    bar = _progress(len(timesteps), progress, cfg.name)
+    bar = progress_bar(len(timesteps), progress, cfg.name)
     for i, t in enumerate(timesteps):
         idx = active.nonzero().flatten()
         if len(idx) == 0:
             distances[:, i:] = distances[:, i - 1:i]
             break
         gens, tgt, zi = [generators[j] for j in idx], target[idx.to(dev)], z[idx.to(dev)]
-        a_t = acp[t]
-        a_prev = acp[t - step_ratio] if t - step_ratio >= 0 else torch.tensor(1.0, device=acp.device)
+        ci = cond[idx.to(cond.device)] if cond is not None else None
+        a_t, a_prev = alphas[i], alphas[i + 1]
         for k in range(ks[i]):
-            z_prev, img, d, feat, bad, did_backward = step(zi, t, a_t, a_prev, mults[i], tgt, gens)
+            z_prev, img, d, feat, bad, did_backward = step(zi, t, a_t, a_prev, mults[i], tgt, gens, ci)
             nfe[idx] += 1
             backward[idx] += int(did_backward)
             nonfinite[idx] += bad.cpu().long()
@@ -299,7 +325,7 @@ def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback
             final = torch.zeros_like(best_img) if final is None else final
             if k < ks[i] - 1:  # self-recurrence: back to t with fresh noise
                 ratio = a_t / a_prev
-                zi = ratio.sqrt() * z_prev + (1 - ratio).sqrt() * randn(gens, prior.latent_shape, device=dev)
+                zi = math.sqrt(ratio) * z_prev + math.sqrt(1 - ratio) * randn(gens, prior.latent_shape, device=dev)
             else:
                 zi = z_prev
         z[idx.to(dev)] = zi
@@ -313,7 +339,7 @@ def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback
             final[idx[stop]] = img[stop].cpu()  # the x0-hat that reached the threshold
         if callback is not None:
             callback({"step": i, "t": t, "index": idx, "distance": d.cpu(), "cosine": cos, "x0": img, "z": zi,
-                      "recurrence": ks[i], "weight": mults[i]})
+                      "recurrence": ks[i], "weight": cfg.weight * mults[i], "loss": d.cpu()})
         bar.update(1)
         bar.set_postfix(dist=f"{d.mean():.4g}", active=int(active.sum()))
     bar.close()
@@ -329,7 +355,7 @@ def guided_sample(cfg: Guidance, prior, encoder, target, generators, *, callback
 
 
 def _track_best(best_d, best_img, idx, d, img):
-    """Keep, per sample, the image with the lowest objective seen so far."""
+    """Keep, per sample, the image with the lowest objective seen so far (NaN never counts as better)."""
     if best_img is None:
         best_img = torch.zeros(len(best_d), *img.shape[1:])
     better = d < best_d[idx]
@@ -338,88 +364,3 @@ def _track_best(best_d, best_img, idx, d, img):
         best_d[rows] = d[better]
         best_img[rows] = img[better]
     return best_d, best_img
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"sampling [{desc}]", disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-# -- presets -----------------------------------------------------------------------------------------
-PRESETS: dict[str, Callable[[], object]] = {}
-
-
-def register_method(name: str):
-    """Register a zero-argument factory returning a method (a callable with Guidance's signature)."""
-
-    def deco(factory):
-        PRESETS[name] = factory
-        return factory
-
-    return deco
-
-
-def _preset(name: str, **kw) -> None:
-    register_method(name)(lambda: Guidance(name=name, **kw))
-
-
-_NO_REF = dict(weight=0.0, early_steps=0, clamp_k=None)  # switch off the reference's eps-space term
-# The reference (authors' code): 1000 DDPM steps, w = 4, rescale to ||eps||, clamp k = 3,
-# K = 8 per step and K = 1000 on the first 5 steps.
-_preset("shirahama2025")
-# The same guidance on 50 trailing DDIM-ancestral steps with fewer recurrences (~50x fewer NFE),
-# with w decaying linearly to 0: with few, large steps a constant w leaves high-frequency grain
-# (digits world, 32 targets: held-out ViT label agreement 84% constant vs 100% linear_decay,
-# benchmarks/results/ablation_schedule.md). ``schedule: constant`` gives the reference's shape.
-_preset("fast", steps=50, recurrence=4, early_steps=3, early_recurrence=20, schedule="linear_decay")
-# The prior alone from the same seeds: the lower bound every table needs.
-_preset("unguided", steps=50, recurrence=1, **_NO_REF)
-# DPS (Chung et al. 2023, Alg. 1): z_{t-1} -= zeta grad_{z_t} L / sqrt(L), 1000 ancestral steps.
-_preset("dps", z_weight=1.0, norm="loss", recurrence=1, **_NO_REF)
-# FreeDoM (Yu et al. 2023, Alg. 1): z-gradient of the energy scaled to the unguided step, with
-# time-travel (K = 10) over the early-middle "semantic" stage; 100 DDIM-ancestral steps.
-_preset("freedom", steps=100, z_weight=1.0, norm="step", recurrence=10, recurrence_window=(0.1, 0.6), **_NO_REF)
-# MPGD (He et al. 2024, Alg. 1): gradient step on x0 only -- no backpropagation through the UNet.
-_preset("mpgd", steps=50, x0_weight=0.1, x0_iters=1, recurrence=1, **_NO_REF)
-# Universal Guidance (Bansal et al. 2023, Alg. 1): forward guidance scaled by sqrt(1 - a_t),
-# backward guidance (a few steps on x0), self-recurrence K = 4; in TFG's unified form.
-_preset("ugd", steps=50, weight=4.0, norm="eps", clamp_k=None, schedule="sigma", x0_weight=0.05, x0_iters=3,
-        recurrence=4, early_steps=0)
-# TFG (Ye et al. 2024, Alg. 1): rho (z_t gradient), mu (x0 gradient, N_iter = 4), sigma (MC
-# smoothing), N_recur = 2, "increase" schedule.
-_preset("tfg", steps=50, z_weight=0.02, norm="unit", x0_weight=0.05, x0_iters=4, sigma=0.1, mc_samples=1,
-        schedule="alpha", recurrence=2, **_NO_REF)
-
-
-def list_methods() -> list[str]:
-    _load_baselines()
-    return sorted(PRESETS)
-
-
-def get_method(name: str, **overrides):
-    """A preset by name, with fields overridden (e.g. ``get_method("fast", weight=2.0)``)."""
-    _load_baselines()
-    if name not in PRESETS:
-        from featinv.registry import suggest
-
-        raise KeyError(f"unknown method {name!r}; known: {sorted(PRESETS)}.{suggest(name, PRESETS)}")
-    method = PRESETS[name]()
-    if overrides:
-        fields = {f.name for f in dataclasses.fields(method)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise TypeError(f"method {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}")
-        for k in ("window", "recurrence_window"):  # YAML gives lists
-            if isinstance(overrides.get(k), list):
-                overrides[k] = tuple(overrides[k])
-        method = dataclasses.replace(method, **overrides)
-    return method
-
-
-def _load_baselines() -> None:
-    try:
-        import featinv.baselines  # noqa: F401  (registers pixel, fourier, deepinversion)
-    except ModuleNotFoundError as e:
-        if e.name != "featinv.baselines":
-            raise

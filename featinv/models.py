@@ -55,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.encoders import Encoder, register_encoder
-from featinv.hub import WeightsNotFoundError, missing_weights, offline
-from featinv.registry import suggest
+from featinv.encoders import Encoder
+from featinv.hub import WeightsNotFoundError, first_line, missing_weights, not_found, offline
+from featinv.specs import register_encoder, suggest
 
-__all__ = ["ClipEncoder", "parse_options", "timm_encoder", "torchvision_encoder", "clip_encoder"]
+__all__ = ["ClipEncoder", "timm_encoder", "torchvision_encoder", "clip_encoder"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,54 +67,7 @@ PRE_LOGITS = ("pre_logits", "penultimate")
 OUTPUT = ("logits", "output")
 
 
-# -- spec options ----------------------------------------------------------------------------------
-def _value(s: str) -> Any:
-    low = s.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null", ""):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s.strip()
-
-
-def parse_options(name: str, layer: str | None) -> tuple[str, str | None, dict[str, Any]]:
-    """Split a trailing ``?key=value&...`` off the name or layer part of a spec."""
-    opts: dict[str, Any] = {}
-    if layer is not None and "?" in layer:
-        layer, _, query = layer.partition("?")
-    elif "?" in name:
-        name, _, query = name.partition("?")
-    else:
-        query = ""
-    for item in filter(None, query.split("&")):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"spec option {item!r} must look like key=value")
-        opts[key.strip()] = _value(val)
-    return name, (layer or None), opts
-
-
-def _merge(opts: dict, kw: dict, allowed: Sequence[str], spec: str) -> dict:
-    merged = {**opts, **kw}
-    unknown = sorted(set(merged) - set(allowed))
-    if unknown:
-        raise TypeError(f"{spec}: unknown option(s) {unknown}; accepted: {sorted(allowed)}."
-                        f"{suggest(unknown[0], allowed)}")
-    return merged
-
-
 # -- building the Encoder ----------------------------------------------------------------------------
-def _encoder_kwargs(interpolation: str | None) -> dict:
-    return {"interpolation": _interp_name(interpolation)} if interpolation is not None else {}
-
-
 def _interp_name(mode) -> str:
     """torchvision InterpolationMode / PIL / str -> 'bilinear' | 'bicubic' | ..."""
     mode = getattr(mode, "value", mode)
@@ -136,24 +89,19 @@ def _hw(size) -> tuple[int, int]:
 
 
 # -- timm --------------------------------------------------------------------------------------------
-_TIMM_OPTS = ("pool", "quantize", "interpolation", "pretrained", "checkpoint_path", "model_kwargs")
-
-
 @register_encoder("timm")
-def timm_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
+def timm_encoder(name: str, layer: str | None = None, *, pool: str | None = None, quantize: bool = False,
+                 interpolation: str | None = None, call: int | None = None, pretrained: bool | None = None,
+                 checkpoint_path: str | None = None, model_kwargs: dict | None = None) -> Encoder:
     """``timm:<name>[@layer]``; default layer: the pre-logits feature (``reset_classifier(0)``)."""
     import timm
 
-    name, layer, opts = parse_options(name, layer)
     spec = f"timm:{name}"
-    o = _merge(opts, kw, _TIMM_OPTS, spec)
-    checkpoint_path = o.get("checkpoint_path")
-    pretrained = o.get("pretrained")
     pretrained = (checkpoint_path is None) if pretrained is None else bool(pretrained)
-    model_kwargs = dict(o.get("model_kwargs") or {})
+    model_kwargs = dict(model_kwargs or {})
     if checkpoint_path is not None:
         if not os.path.isfile(str(checkpoint_path)):
-            raise _not_found(spec, where=f"checkpoint_path {str(checkpoint_path)!r}", reason=" (no such file)",
+            raise not_found(spec, where=f"checkpoint_path {str(checkpoint_path)!r}", reason=" (no such file)",
                              how="give the path of a timm/PyTorch checkpoint file that exists.")
         model_kwargs["checkpoint_path"] = str(checkpoint_path)
     if not name.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(name):
@@ -177,9 +125,8 @@ def timm_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
     cfg = timm.data.resolve_data_config({}, model=model)
     in_chans, h, w = cfg["input_size"]
     return Encoder(model, layer, input_size=(h, w), in_chans=in_chans, mean=cfg["mean"], std=cfg["std"],
-                   pool=_pool(o.get("pool"), label, spec), quantize=bool(o.get("quantize", False)),
-                   name=f"{spec}@{label}",
-                   **_encoder_kwargs(o.get("interpolation") or cfg.get("interpolation")))
+                   pool=_pool(pool, label, spec), quantize=bool(quantize), call=call, name=f"{spec}@{label}",
+                   interpolation=_interp_name(interpolation or cfg.get("interpolation")))
 
 
 def _timm_missing(name: str, e: Exception) -> WeightsNotFoundError:
@@ -193,24 +140,21 @@ def _timm_missing(name: str, e: Exception) -> WeightsNotFoundError:
         pass
     model_id = hub_id or name
     return missing_weights(model_id, detail=(
-        f"timm model {name!r}: {_first_line(e)}. Alternatives: "
+        f"timm model {name!r}: {first_line(e)}. Alternatives: "
         f"`timm:{name}?checkpoint_path=/path/to/weights.safetensors` (a local file), or "
         f"`?pretrained=false` for random init."))
 
 
 # -- torchvision ---------------------------------------------------------------------------------------
-_TV_OPTS = ("pool", "quantize", "interpolation", "weights", "model_kwargs")
-
-
 @register_encoder("torchvision")
-def torchvision_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
+def torchvision_encoder(name: str, layer: str | None = None, *, pool: str | None = None, quantize: bool = False,
+                        interpolation: str | None = None, call: int | None = None, weights: str | None = None,
+                        model_kwargs: dict | None = None) -> Encoder:
     """``torchvision:<name>[/<WEIGHTS>][@layer]``; no weights part = random init."""
     from torchvision import models as tvm
 
-    name, layer, opts = parse_options(name, layer)
     model_name, _, weights_name = name.partition("/")
-    o = _merge(opts, kw, _TV_OPTS, f"torchvision:{name}")
-    weights_name = o.get("weights") or weights_name or None
+    weights_name = weights or weights_name or None
     if model_name not in tvm.list_models():
         raise KeyError(f"unknown torchvision model {model_name!r}.{suggest(model_name, tvm.list_models())}")
     weights = None
@@ -226,7 +170,7 @@ def torchvision_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
     if weights is not None:
         _check_torch_cache(weights, spec)
     try:
-        model = tvm.get_model(model_name, weights=weights, **dict(o.get("model_kwargs") or {}))
+        model = tvm.get_model(model_name, weights=weights, **dict(model_kwargs or {}))
     except OSError as e:  # URLError (no network), partial download
         raise _tv_missing(weights, spec, e) from e
     except RuntimeError as e:
@@ -234,7 +178,7 @@ def torchvision_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
             raise _tv_missing(weights, spec, e) from e
         raise
 
-    pool = o.get("pool")
+    explicit_pool = pool is not None
     if layer in OUTPUT:
         layer, label = None, "logits"
     elif layer is None or layer in PRE_LOGITS:
@@ -246,12 +190,12 @@ def torchvision_encoder(name: str, layer: str | None = None, **kw) -> Encoder:
         model.set_submodule(layer, nn.Identity())  # its output is now the classifier's input
     else:
         label = layer
-        if pool is None and "pool" not in o and model_name.startswith("vit_") and layer == "encoder.ln":
+        if not explicit_pool and model_name.startswith("vit_") and layer == "encoder.ln":
             pool = "cls"  # (B, 1 + N, D) tokens -> the CLS token the classifier head reads
     size, mean, std, interp = _tv_preprocessing(weights, model)
     return Encoder(model, layer, input_size=size, in_chans=3, mean=mean, std=std, pool=_pool(pool, label, spec),
-                   quantize=bool(o.get("quantize", False)), name=f"{spec}@{label}",
-                   **_encoder_kwargs(o.get("interpolation") or interp))
+                   quantize=bool(quantize), call=call, name=f"{spec}@{label}",
+                   interpolation=_interp_name(interpolation or interp))
 
 
 def _tv_preprocessing(weights, model):
@@ -284,22 +228,11 @@ def _check_torch_cache(weights, spec: str) -> None:
 
 def _tv_missing(weights, spec: str, e: Exception | None) -> WeightsNotFoundError:
     path = _torch_cache_file(weights)
-    reason = f" ({_first_line(e)})" if e is not None else ""
-    return _not_found(spec, where=f"the torch hub cache {path!r} (TORCH_HOME={os.environ.get('TORCH_HOME')!r})",
+    reason = f" ({first_line(e)})" if e is not None else ""
+    return not_found(spec, where=f"the torch hub cache {path!r} (TORCH_HOME={os.environ.get('TORCH_HOME')!r})",
                       reason=reason, download=True,
                       how=f"download {weights.url} on a connected machine and copy it to {path!r} "
                           "(or point TORCH_HOME at a folder holding hub/checkpoints/).")
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:300].rstrip(".") if str(e).strip() else type(e).__name__
-
-
-def _not_found(what: str, where: str, how: str, reason: str = "", download: bool = False) -> WeightsNotFoundError:
-    """WeightsNotFoundError for weights that are not a Hugging Face hub id (torch hub, local files)."""
-    off = " (HF_HUB_OFFLINE=1, so no download was tried)" if download and offline() else ""
-    return WeightsNotFoundError(f"weights for {what!r} are not available: looked in {where}{off}{reason}.\n"
-                                f"To provide them: {how}")
 
 
 # -- CLIP (open_clip) ------------------------------------------------------------------------------
@@ -327,27 +260,25 @@ class ClipEncoder(Encoder):
         return self.clip.encode_text(tokens, normalize=self.normalize).float()
 
 
-_CLIP_OPTS = ("pool", "quantize", "interpolation", "pretrained", "normalize", "model_kwargs", "cache_dir")
-
-
 @register_encoder("clip")
-def clip_encoder(name: str, layer: str | None = None, **kw) -> ClipEncoder:
+def clip_encoder(name: str, layer: str | None = None, *, pool: str | None = None, quantize: bool = False,
+                 interpolation: str | None = None, call: int | None = None, pretrained: str | None = None,
+                 normalize: bool = False, model_kwargs: dict | None = None,
+                 cache_dir: str | None = None) -> ClipEncoder:
     """``clip:<model>[/<pretrained tag or file>][@layer]``; default: the image embedding."""
     import open_clip
 
-    name, layer, opts = parse_options(name, layer)
     if name.startswith(("hf-hub:", "local-dir:")):
         model_name, tag = name, None
     else:
         model_name, _, tag = name.partition("/")
-    o = _merge(opts, kw, _CLIP_OPTS, f"clip:{name}")
-    tag = o["pretrained"] if o.get("pretrained") is not None else (tag or None)
+    tag = pretrained if pretrained is not None else (tag or None)
     spec = f"clip:{model_name}" + (f"/{tag}" if tag else "")
     if not name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():
         raise KeyError(f"unknown open_clip model {model_name!r}.{suggest(model_name, open_clip.list_models())}")
-    extra = dict(o.get("model_kwargs") or {})
-    if o.get("cache_dir"):
-        extra["cache_dir"] = o["cache_dir"]
+    extra = dict(model_kwargs or {})
+    if cache_dir:
+        extra["cache_dir"] = cache_dir
     try:
         model = open_clip.create_model(model_name, pretrained=tag, **extra)
     except (OSError, RuntimeError) as e:
@@ -359,11 +290,10 @@ def clip_encoder(name: str, layer: str | None = None, **kw) -> ClipEncoder:
     std = tuple(pcfg.get("std") or getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     label = "embedding" if layer is None or layer in ("embedding", *OUTPUT) else layer
     layer = None if label == "embedding" else layer
-    return ClipEncoder(model, tokenizer, layer, normalize=bool(o.get("normalize", False)), input_size=size,
-                       in_chans=3, mean=mean, std=std, pool=_pool(o.get("pool"), label, spec),
-                       quantize=bool(o.get("quantize", False)),
+    return ClipEncoder(model, tokenizer, layer, normalize=bool(normalize), input_size=size, in_chans=3, mean=mean,
+                       std=std, pool=_pool(pool, label, spec), quantize=bool(quantize), call=call,
                        name=f"{spec}@{label}",
-                       **_encoder_kwargs(o.get("interpolation") or pcfg.get("interpolation", "bicubic")))
+                       interpolation=_interp_name(interpolation or pcfg.get("interpolation", "bicubic")))
 
 
 def _clip_error(model_name: str, tag: str | None, spec: str, e: Exception) -> Exception:
@@ -376,12 +306,12 @@ def _clip_error(model_name: str, tag: str | None, spec: str, e: Exception) -> Ex
         return KeyError(f"unknown open_clip pretrained tag {tag!r} for {model_name!r}; known: {tags}."
                         f"{suggest(str(tag), tags)}")
     if looks_like_file and not os.path.exists(tag):
-        return _not_found(spec, where=f"the file {tag!r}", reason=f" ({_first_line(e)})",
+        return not_found(spec, where=f"the file {tag!r}", reason=f" ({first_line(e)})",
                           how=f"give an existing open_clip checkpoint file: `clip:{model_name}//path/to/model.bin`.")
     if tag is not None and not looks_like_file and (
             isinstance(e, OSError) or any(s in msg for s in ("download", "Download", "not found"))):
         hub = (open_clip.get_pretrained_cfg(model_name, tag) or {}).get("hf_hub") if tag else None
         return missing_weights(hub.rstrip("/") if hub else spec, detail=(
-            f"open_clip {model_name!r} weights {tag!r} ({spec}): {_first_line(e)}. Alternatively pass a "
+            f"open_clip {model_name!r} weights {tag!r} ({spec}): {first_line(e)}. Alternatively pass a "
             f"local checkpoint file: `clip:{model_name}//path/to/open_clip_model.bin`."))
     return e

@@ -11,28 +11,15 @@ import lightning as L
 import torch
 
 from featinv.api import InversionResult, run_method
-from featinv.encoders import Encoder, build_encoder
-from featinv.guidance import get_method
-from featinv.priors import Prior, build_prior
+from featinv.encoders import Encoder
+from featinv.methods import make_method, method_config
+from featinv.priors import Prior
+from featinv.results import digest, module_digest, tensor_digest
+from featinv.specs import build_encoder, build_prior
 
-__all__ = ["InversionModule", "make_method"]
+__all__ = ["InversionModule"]
 
 MethodSpec = str | dict[str, Any]
-
-
-def make_method(spec: MethodSpec):
-    """``"fast"`` or ``{"preset": "fast", "name": "fast-w2", "weight": 2.0}`` -> a method object."""
-    if isinstance(spec, str):
-        return get_method(spec)
-    spec = dict(spec)
-    preset = spec.pop("preset", None) or spec.pop("method", None)
-    if preset is None:
-        raise ValueError(f"method dict {spec} needs a 'preset' naming a method (featinv.list_methods())")
-    name = spec.pop("name", None)
-    method = get_method(preset, **spec)
-    if name is not None:
-        method.name = name
-    return method
 
 
 class InversionModule(L.LightningModule):
@@ -40,7 +27,7 @@ class InversionModule(L.LightningModule):
 
     Args:
         prior: prior spec (``zoo:digits-ddpm``, ``pixel:<id|dir>``, ``latent:<id|dir>``).
-        encoder: encoder spec ``family:name[@layer]`` whose feature is inverted.
+        encoder: encoder spec ``family:name[@layer][?options]`` whose feature is inverted.
         methods: preset names or dicts ``{preset, name, <field>: value}``; all share targets and seeds.
         seed: global seed; each target's noise is seeded from (seed, dataset, index).
         progress: show a progress bar over the sampling steps of the current batch.
@@ -54,18 +41,18 @@ class InversionModule(L.LightningModule):
         super().__init__()
         # Specs are hyperparameters; objects passed from Python are not (they hold weights).
         self.save_hyperparameters(ignore=[k for k, v in (("prior", prior), ("encoder", encoder)) if not isinstance(v, str)])
-        self.prior = build_prior(prior)
-        self.encoder = build_encoder(encoder)
+        if on_bad_target not in ("raise", "skip"):
+            raise ValueError(f"model.on_bad_target must be 'raise' or 'skip', got {on_bad_target!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.methods = [make_method(m) for m in (methods or ["fast"])]
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}: give each a 'name'")
-        self.seed = seed
-        self.progress = progress
-        if on_bad_target not in ("raise", "skip"):
-            raise ValueError(f"on_bad_target must be 'raise' or 'skip', got {on_bad_target!r}")
-        self.on_bad_target = on_bad_target
-        self.done: set[tuple[str, int, str, int]] = set()  # (dataset, index, method, seed) already written
+        self.prior = build_prior(prior)
+        self.encoder = build_encoder(encoder)
+        self.seed, self.progress, self.on_bad_target = seed, progress, on_bad_target
+        self.done: dict[tuple, str] = {}  # key (dataset, index, method, seed) -> fingerprint already written
 
     @property
     def encoder_name(self) -> str:
@@ -74,6 +61,20 @@ class InversionModule(L.LightningModule):
     @property
     def prior_name(self) -> str:
         return self.hparams.get("prior") or type(self.prior).__name__
+
+    def identity(self) -> dict:
+        """What every record of this module depends on besides its method and target."""
+        return {"prior": self.prior_name, "prior_weights": module_digest(self.prior),
+                "encoder": self.encoder_name, "encoder_config": self.encoder.extra_repr(),
+                "encoder_weights": module_digest(self.encoder), "seed": self.seed}
+
+    def method_configs(self) -> dict[str, dict]:
+        return {m.name: method_config(m) for m in self.methods}
+
+    def fingerprint(self, method: str, target_hash: str) -> str:
+        if not hasattr(self, "_id_digest"):
+            self._id_digest, self._cfg = digest(self.identity()), self.method_configs()
+        return digest([self._id_digest, self._cfg[method], target_hash])
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled() or self.trainer.predict_loop.inference_mode:
@@ -97,17 +98,29 @@ class InversionModule(L.LightningModule):
                 return encode_text(list(batch["text"])).float()
         raise ValueError("batch has no image, feature or text target")
 
+    @staticmethod
+    def target_hashes(batch: dict) -> list[str]:
+        """Content hash of each target (its feature row, image or text)."""
+        n = len(batch["index"])
+        for k in ("feature", "image"):
+            if batch[k].numel():
+                return [tensor_digest(batch[k][b]) for b in range(n)]
+        return [tensor_digest(str(t)) for t in batch["text"]]
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Run every method on the batch's targets (those not already in ``self.done``).
+        """Run every method on the batch's targets whose record is missing or stale.
 
         Returns the batch's metadata, ``results[method] = (positions, InversionResult)`` (the
-        positions in the batch that the method ran on) and ``skipped = {position: reason}``.
+        positions in the batch that the method ran on), ``skipped = {position: reason}`` and
+        ``fingerprints[method][position]``.
         """
         keys = list(zip(batch["dataset"], batch["index"].tolist()))
+        hashes = self.target_hashes(batch)
+        fps = {m.name: [self.fingerprint(m.name, h) for h in hashes] for m in self.methods}
         show = self.progress and self.global_rank == 0
         results: dict[str, tuple[list[int], InversionResult]] = {}
         skipped: dict[int, str] = {}
-        todo = {m.name: [b for b, (d, i) in enumerate(keys) if (d, i, m.name, self.seed) not in self.done]
+        todo = {m.name: [b for b, (d, i) in enumerate(keys) if self.done.get((d, i, m.name, self.seed)) != fps[m.name][b]]
                 for m in self.methods}
         if any(todo.values()):
             with torch.enable_grad():
@@ -118,12 +131,14 @@ class InversionModule(L.LightningModule):
                                      "model.on_bad_target=skip to record and skip such targets")
                 skipped = {b: "target features contain NaN/inf" for b in bad}
                 todo = {m: [b for b in pos if b not in skipped] for m, pos in todo.items()}
+                cond = self.prior.encode_prompt(list(batch["prompt"])) if any(batch.get("prompt", [])) else None
                 for m in self.methods:
                     pos = todo[m.name]
                     if pos:  # per-target seeds: a subset gives the same results as the whole batch
                         results[m.name] = (pos, run_method(m, self.prior, self.encoder, target[pos],
-                                                           [keys[b] for b in pos], seed=self.seed, progress=show))
+                                                           [keys[b] for b in pos], seed=self.seed, progress=show,
+                                                           cond=cond[pos] if cond is not None else None))
         image = batch["image"].detach().cpu() if batch["image"].numel() else None
         return {"dataset": list(batch["dataset"]), "index": batch["index"].tolist(),
                 "label": batch["label"].tolist(), "text": list(batch["text"]), "target_image": image,
-                "results": results, "skipped": skipped}
+                "results": results, "skipped": skipped, "fingerprints": fps}

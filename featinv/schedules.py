@@ -13,7 +13,7 @@ __all__ = ["WEIGHT_SCHEDULES", "weight_multipliers", "recurrence_counts"]
 WEIGHT_SCHEDULES = ("constant", "linear_decay", "linear_increase", "cosine_decay", "beta", "alpha", "sigma")
 
 
-def weight_multipliers(schedule: str, timesteps: list[int], alphas_cumprod: torch.Tensor, step_ratio: int,
+def weight_multipliers(schedule: str, timesteps: list[int], alphas_cumprod: torch.Tensor,
                        window: tuple[float, float] | None = None) -> list[float]:
     """Multiplier of every guidance weight at each sampling step.
 
@@ -38,7 +38,8 @@ def weight_multipliers(schedule: str, timesteps: list[int], alphas_cumprod: torc
     elif schedule == "cosine_decay":
         m = [(1 + math.cos(math.pi * p)) / 2 for p in ps]
     elif schedule in ("beta", "alpha"):
-        alpha = [float(ab(t) / ab(t - step_ratio)) for t in timesteps]
+        prev = list(timesteps[1:]) + [-1]
+        alpha = [float(ab(t) / ab(tp)) for t, tp in zip(timesteps, prev)]
         m = [1 - a for a in alpha] if schedule == "beta" else alpha
         mean = sum(m) / n
         m = [x / mean for x in m]
@@ -46,6 +47,8 @@ def weight_multipliers(schedule: str, timesteps: list[int], alphas_cumprod: torc
         m = [float((1 - ab(t)).sqrt()) for t in timesteps]
     else:
         raise ValueError(f"unknown weight schedule {schedule!r}; choose from {WEIGHT_SCHEDULES}")
+    if n and not all(math.isfinite(x) for x in m):
+        raise ValueError(f"weight schedule {schedule!r} is not finite on these timesteps")
     if window is not None:
         p0, p1 = window
         m = [x if p0 <= p <= p1 else 0.0 for x, p in zip(m, ps)]

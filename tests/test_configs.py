@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from featinv.cli import main
-from featinv.module import make_method
+from featinv.methods import make_method
 
 CONFIGS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 

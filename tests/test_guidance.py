@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from featinv import Guidance, get_method, invert
-from featinv.guidance import clamp_std, make_generators, randn, rescale_to
+from featinv.contract import make_generators, randn
+from featinv.guidance import clamp_std, rescale_to
 
 FAST = dict(steps=12, recurrence=2, early_steps=2, early_recurrence=4, schedule="constant")
 

@@ -51,9 +51,8 @@ def test_encoder_layers_shapes_gradients_and_channels(tiny_encoder):
 def test_bad_files(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
-    ds = ImageTargets(str(tmp_path / "imgs"))
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
-        ds[0]
+        ImageTargets(str(tmp_path / "imgs"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is empty"):
         ImageTargets(str(tmp_path / "empty"))

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import default_collate
 
 import featinv
-from featinv.encoders import Encoder, build_encoder, list_layers
+from featinv.encoders import Encoder, list_layers
+from featinv.specs import build_encoder
 from featinv.hub import WeightsNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +47,14 @@ def assert_grad_flows(grad: torch.Tensor) -> None:
 
 # -- spec syntax -----------------------------------------------------------------------------------
 def test_spec_options_parse():
-    from featinv.models import parse_options
+    from featinv.specs import Spec, parse_spec
 
-    assert parse_options("resnet50", "global_pool?pool=avg&quantize=true") == (
-        "resnet50", "global_pool", {"pool": "avg", "quantize": True})
-    assert parse_options("test_vit?pretrained=false&interpolation=bicubic", None) == (
-        "test_vit", None, {"pretrained": False, "interpolation": "bicubic"})
-    assert parse_options("x", None)[2] == {}
+    assert parse_spec("timm:resnet50@global_pool?pool=avg&quantize=true") == Spec(
+        "timm", "resnet50", "global_pool", {"pool": "avg", "quantize": True})
+    assert parse_spec("timm:test_vit?pretrained=false&interpolation=bicubic") == Spec(
+        "timm", "test_vit", None, {"pretrained": False, "interpolation": "bicubic"})
+    assert parse_spec("clip:RN50/openai").options == {} and parse_spec("clip:RN50/openai").name == "RN50/openai"
+    assert str(parse_spec("zoo:digits-cnn@penultimate?quantize=true")) == "zoo:digits-cnn@penultimate?quantize=True"
     with pytest.raises(TypeError, match="pool"):  # typo in an option: suggestion, no silent ignore
         build_encoder("timm:test_resnet?pretrained=false&pol=cls")
     with pytest.raises(ValueError, match="already a vector"):  # pool only for token/spatial layers
