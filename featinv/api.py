@@ -137,6 +137,12 @@ def run_method(method, prior: Prior, encoder: Encoder, target: torch.Tensor, key
         f_final = encoder(out.images.to(target.device)).cpu()
         f_best = encoder(out.best_images.to(target.device)).cpu()
     seconds = time.perf_counter() - start
+    for what, x in (("images", out.images), ("best_images", out.best_images)):
+        bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+        if bad.any():
+            name = getattr(method, "name", type(method).__name__)
+            raise RuntimeError(f"method {name!r} produced non-finite {what} for target(s) "
+                               f"{[keys[i] for i in bad.nonzero().flatten().tolist()][:10]}; refusing to record them")
     t, n = target.cpu(), len(target)
     return InversionResult(
         method=getattr(method, "name", type(method).__name__), images=out.images, best_images=out.best_images,

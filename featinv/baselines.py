@@ -220,11 +220,8 @@ class PixelInversion:
 
     Adapted to [0, 1] images: the image is centred at 1/2, B = ``bound`` = 0.5 (the whole range,
     as B = 128 is for [0, 255] images), V = ``tv_bound`` = B / 6.5. ``alpha_weight`` = ``tv_weight``
-    = 1 multiply the normalised regularisers and ``loss_weight`` C = 100 the normalised loss: our
-    choice (the paper tunes C per layer): inverting the 64-d penultimate feature of a ``DigitsCNN``
-    (8 test digits, 300 steps), C = 1 leaves a grey, over-regularised image (||f - f_s||^2/||f_s||^2
-    ~ 0.3), C = 100 reaches ~0.003 with the regularisers still shaping the image, and gave the lowest
-    pixel error to the true digits among C in {1, 10, 30, 100, 300}.
+    = 1 multiply the normalised regularisers and ``loss_weight`` C = 100 the normalised loss
+    (featinv's choice; the paper tunes C per layer; how it was chosen: docs/design.md).
 
     Optimiser: Adam (the paper uses momentum SGD), ``lr`` 0.05, ``steps`` 300. ``param``:
     ``"clamp"`` (default) optimises the pixels and projects them onto [0, 1] after every step

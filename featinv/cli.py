@@ -46,6 +46,7 @@ class WandbSettings:
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds to wait for the server before falling back to offline
 
     def __post_init__(self):
         if self.mode not in ("online", "offline", "disabled"):
@@ -161,7 +162,7 @@ def make_wandb_logger(output_dir: str, wb: WandbSettings):
             R.update_run(output_dir, wandb_id=run_id)
     return FallbackWandbLogger(save_dir=output_dir, project=wb.project, name=wb.name, group=wb.group,
                                tags=list(wb.tags) or None, mode=mode, id=run_id, resume="allow",
-                               settings={"init_timeout": 30})
+                               settings={"init_timeout": wb.init_timeout})
 
 
 class FallbackWandbLogger(WandbLogger):
@@ -176,6 +177,9 @@ class FallbackWandbLogger(WandbLogger):
                 raise
             warnings.warn(f"featinv: W&B online run failed ({type(e).__name__}: {str(e)[:120]}); logging "
                           "offline instead; upload later with `wandb sync`.", stacklevel=2)
+            import wandb
+
+            wandb.teardown()  # the failed online attempt still holds the run id in wandb's service
             self._wandb_init["mode"] = "offline"
             self._experiment = None
             return super().experiment

@@ -159,12 +159,11 @@ def _load_features(path: Path, key: str, labels_key: str):
         raise ValueError(f"feature file {str(path)!r} is empty (0 bytes)")
     try:
         return _read_features(path, key, labels_key)
-    except (KeyError, ValueError) as e:
+    except Exception as e:  # torch/numpy/safetensors each raise their own kind: one message for all
         if str(path) in str(e):
             raise
-        raise ValueError(f"cannot read feature file {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read feature file {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cannot read feature file {str(path)!r}: {first}") from None
 
 
 def _read_features(path: Path, key: str, labels_key: str):

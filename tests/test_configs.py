@@ -22,7 +22,33 @@ def test_config_parses_and_methods_build(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["encoder"] and printed["data"]["datasets"]
     for spec in yaml.safe_load(Path(path).read_text())["model"].get("methods") or ["fast"]:
-        assert make_method(spec).name
+        method = make_method(spec)
+        assert method.name == (spec if isinstance(spec, str) else spec.get("name", spec["preset"]))
+        for k, v in ({} if isinstance(spec, str) else spec).items():  # every YAML value reaches the method
+            if k not in ("preset", "name"):
+                got = getattr(method, k)
+                assert (list(got) if isinstance(got, tuple) else got) == v, (k, got, v)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).relative_to(Path(p).parents[1]).as_posix())
+def test_encoder_spec_options_reach_the_builder(path, monkeypatch):
+    """The encoder's ``?key=value`` options arrive, typed, at its family's builder (real weights are
+    not available offline, so the builder is replaced by a recorder)."""
+    from featinv.specs import ENCODERS, build_encoder, parse_spec
+
+    spec = yaml.safe_load(Path(path).read_text())["model"]["encoder"]
+    parsed = parse_spec(spec)
+    ENCODERS.builder(parsed.family)  # import the family's module
+    seen = {}
+
+    def record(name, layer=None, **kw):
+        seen.update(name=name, layer=layer, **kw)
+
+    monkeypatch.setitem(ENCODERS.families, parsed.family, record)
+    build_encoder(spec)
+    assert seen == {"name": parsed.name, "layer": parsed.layer, **parsed.options}
+    if "quantize=true" in spec:
+        assert seen["quantize"] is True
 
 
 def test_cli_usage_and_methods(capsys):

@@ -116,6 +116,10 @@ def test_nan_gradient_is_skipped_not_emitted(tiny_prior, tiny_encoder, target):
     assert r.nonfinite[0] == r.nfe[0] and (r.nonfinite[1:] == 0).all()
 
 
-def test_guidance_is_a_dataclass_with_paper_defaults():
-    g = Guidance()
-    assert g.norm == "eps" and g.recurrence == 8 and g.early_steps == 5 and g.early_recurrence == 1000
+def test_guidance_defaults_are_the_paper_preset():
+    import dataclasses
+
+    ref = dataclasses.asdict(get_method("shirahama2025"))
+    assert {**dataclasses.asdict(Guidance()), "name": "shirahama2025"} == ref
+    assert (ref["norm"], ref["recurrence"], ref["early_steps"], ref["early_recurrence"], ref["decode_clamp"]) == (
+        "eps", 8, 5, 1000, "hard")

@@ -23,6 +23,20 @@ def key(r):
     return r["dataset"], r["index"], r["method"]
 
 
+def test_leftover_rank_files_are_merged_and_their_records_kept(tmp_path):
+    """A multi-process run that died leaves results.rank*.jsonl: the next run folds them in first."""
+    run(tmp_path / "a", "--n", 4)
+    out = tmp_path / "a" / "out"
+    recs = records(tmp_path / "a")
+    sentinel = dict(recs[1], final_cos=0.123456)  # same key and fingerprint: must be kept, not recomputed
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:1]))
+    (out / "results.rank1.jsonl").write_text(json.dumps(sentinel) + "\n")
+    run(tmp_path / "a", "--n", 4)
+    after = {key(r): r for r in records(tmp_path / "a")}
+    assert len(after) == len(records(tmp_path / "a")) == 8 and not list(out.glob("results.rank*.jsonl"))
+    assert after[key(sentinel)]["final_cos"] == 0.123456
+
+
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     killed = run(tmp_path / "a", "--kill-after", 2, check=False)
     assert killed.returncode == 3, killed.stderr[-2000:]
@@ -44,13 +58,23 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_every_target_exactly_once(tmp_path):
-    proc = run(tmp_path, "--devices", 2, "--batch-size", 2, "--n", 7)  # 7 targets: uneven across 2 ranks
+    proc = run(tmp_path, "--devices", 2, "--batch-size", 2, "--n", 7, "--wandb")  # 7 targets: uneven on 2 ranks
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     recs = records(tmp_path)
     keys = [key(r) for r in recs]
     assert len(keys) == len(set(keys)) == 7 * 2
     assert {k[1] for k in keys} == set(range(7))
     assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
+    # every rank's grid survives: rank 0 has targets 0 2 4 6, rank 1 has 1 3 5, in batches of 2
+    assert sorted(p.name for p in (tmp_path / "out" / "grids").glob("*.png")) == [
+        f"f_{i:06d}.png" for i in (0, 1, 4, 5)]
+    # the W&B summary (logged by rank 0 only) covers both ranks' targets
+    run_dir = [ln.split(" ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("WANDB_DIR")][0]
+    summary = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                                         run_dir], capture_output=True, text=True, check=True).stdout)["summary"]
+    assert summary["n/f/fast"] == 7 and summary["final_cos/f/fast"] == pytest.approx(
+        sum(r["final_cos"] for r in recs if r["method"] == "fast") / 7, abs=1e-6)
     single = tmp_path / "single"
     single.mkdir()
     (single / "targets.pt").write_bytes((tmp_path / "targets.pt").read_bytes())  # the same 7 targets

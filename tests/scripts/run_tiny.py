@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--kill-after", type=int, default=0)
     ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--wandb", action="store_true", help="log to an offline W&B run under OUT/wandb")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(1)
@@ -56,11 +57,18 @@ def main():
     callbacks = [PredictionWriter(os.path.join(a.out, "out")), InversionLogger()]
     # the writer comes first: a kill after batch K leaves K batches written
     callbacks += [KillAfter(a.kill_after)] if a.kill_after else []
+    logger = False
+    if a.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(save_dir=a.out, project="featinv-test", mode="offline")
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto",
-                        inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False, logger=logger, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=callbacks, default_root_dir=a.out)
     trainer.predict(module, datamodule=TargetDataModule([FeatureTargets(feats, name="f")], batch_size=a.batch_size),
                     return_predictions=False)
+    if a.wandb and trainer.is_global_zero:
+        print("WANDB_DIR", os.path.dirname(logger.experiment.dir))
 
 
 if __name__ == "__main__":
