@@ -1,13 +1,14 @@
-"""Output contract and logging, as Lightning callbacks.
+"""Output contract and logging, as Lightning callbacks, for every ``featinv.harness.AnalysisModule``.
 
 ``PredictionWriter`` owns the output directory (``featinv.results``): it locks it, checks that it
 was written by the same configuration, folds in rank files a failed multi-process run left, and
-writes records, PNGs and a grid per batch as each batch finishes. ``InversionLogger`` sends each
-batch's curves, grid, table rows and running means to the Trainer's loggers (W&B, TensorBoard,
-CSV) as it finishes, and at the end the summary over every record of the directory.
+writes each batch's records and PNGs as the batch finishes. ``RunLogger`` sends each batch's
+running-mean curves, grids, table rows, extra tables/plots and running means to the Trainer's
+loggers (W&B, TensorBoard, CSV), and at the end the summary over every record of the directory.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -17,65 +18,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from featinv import results as R
-from featinv.viz import comparison_grid, display, save_png
+from featinv.viz import save_png
 
-__all__ = ["PredictionWriter", "InversionLogger", "rows"]
-
-
-def rows(prediction: dict, module) -> list[dict]:
-    """The records of one predict_step output (paths not yet set); ``_pos`` = position in the batch."""
-    out = []
-    for method, (positions, r) in prediction["results"].items():
-        share = r.seconds / len(positions)
-        for j, b in enumerate(positions):
-            out.append({
-                "dataset": prediction["dataset"][b], "index": int(prediction["index"][b]),
-                "label": int(prediction["label"][b]), "text": prediction["text"][b] or None,
-                "method": method, "prior": module.prior_name, "encoder": module.encoder_name,
-                "layer": getattr(module.encoder, "layer", None), "seed": int(module.seed),
-                "fingerprint": prediction["fingerprints"][method][b],
-                "final_cos": float(r.final_cos[j]), "final_l2": float(r.final_l2[j]),
-                "final_rel_l2": float(r.final_rel_l2[j]), "best_cos": float(r.best_cos[j]),
-                "best_l2": float(r.best_l2[j]), "nfe": int(r.nfe[j]), "backward": int(r.backward[j]),
-                "nonfinite_updates": int(r.nonfinite[j]) if r.nonfinite.numel() else 0,
-                "seconds": share, "distances": [round(float(x), 6) for x in r.distances[j]], "_pos": b,
-            })
-    return out
-
-
-def skipped_records(prediction: dict, module) -> list[dict]:
-    """Records of targets that were not inverted (``on_bad_target: skip``), for stale keys only."""
-    out = []
-    for b, why in prediction.get("skipped", {}).items():
-        d, i = prediction["dataset"][b], int(prediction["index"][b])
-        for m in module.methods:
-            fp = prediction["fingerprints"][m.name][b]
-            if module.done.get((d, i, m.name, module.seed)) != fp:
-                out.append({"dataset": d, "index": i, "label": int(prediction["label"][b]), "method": m.name,
-                            "prior": module.prior_name, "encoder": module.encoder_name, "seed": int(module.seed),
-                            "fingerprint": fp, "skipped": why})
-    return out
-
-
-def method_images(prediction: dict, method: str, best: bool = False) -> torch.Tensor:
-    """(B, C, H, W) images of one method for the whole batch; white where it did not run (resumed)."""
-    positions, r = prediction["results"][method]
-    imgs = r.best_images if best else r.images
-    if len(positions) == len(prediction["index"]):
-        return imgs
-    full = torch.ones(len(prediction["index"]), *imgs.shape[1:])
-    full[positions] = imgs
-    return full
-
-
-def batch_grid(prediction: dict) -> torch.Tensor:
-    """Targets (if images) over each method's results."""
-    return comparison_grid([prediction["target_image"]] + [method_images(prediction, m) for m in prediction["results"]])
-
-
-def grid_path(prediction: dict) -> str:
-    """grids/<dataset>_<first index>.png: unique across ranks and stable across resumes."""
-    return f"{R.GRIDS}/{prediction['dataset'][0]}_{int(prediction['index'][0]):06d}.png"
+__all__ = ["PredictionWriter", "RunLogger", "summary_means", "mean_curves"]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -87,11 +32,9 @@ class PredictionWriter(BasePredictionWriter):
     merged by rank 0 at the end (and at the start of the next run, if a run died).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, save_best: bool = True, new_run: bool = False,
-                 skip_corrupt: bool = False):
+    def __init__(self, output_dir: str | os.PathLike, new_run: bool = False, skip_corrupt: bool = False):
         super().__init__(write_interval="batch")
-        self.output_dir, self.save_best = Path(output_dir), save_best
-        self.new_run, self.skip_corrupt = new_run, skip_corrupt
+        self.output_dir, self.new_run, self.skip_corrupt = Path(output_dir), new_run, skip_corrupt
         self._lock: R.OutputDirLock | None = None
 
     def results_path(self, trainer) -> Path:
@@ -123,25 +66,13 @@ class PredictionWriter(BasePredictionWriter):
                   "those with the same fingerprint are skipped")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        out = self.output_dir
-        target_img = prediction["target_image"]
-        records = rows(prediction, pl_module)
-        for rec in records:
-            b = rec.pop("_pos")
-            positions, r = prediction["results"][rec["method"]]
-            j = positions.index(b)
-            rec["image"] = R.sample_path(rec["dataset"], rec["index"], rec["method"])
-            save_png(r.images[j], out / rec["image"])
-            rec["best_image"] = R.sample_path(rec["dataset"], rec["index"], rec["method"], "_best") \
-                if self.save_best else None
-            if self.save_best:
-                save_png(r.best_images[j], out / rec["best_image"])
-            rec["target_image"] = R.sample_path(rec["dataset"], rec["index"], "target") if target_img is not None else None
-            if target_img is not None:
-                save_png(target_img[b], out / rec["target_image"])
-        if prediction["results"]:
-            save_png(batch_grid(prediction), out / grid_path(prediction))
-        R.append_records(self.results_path(trainer), records + skipped_records(prediction, pl_module))
+        for rel, img in {**prediction.get("images", {}), **prediction.get("grids", {})}.items():
+            save_png(img, self.output_dir / rel)
+        for name, fig in prediction.get("plots", {}).items():
+            path = self.output_dir / "plots" / f"{name.replace('/', '_')}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+        R.append_records(self.results_path(trainer), prediction.get("records", []))
 
     def on_predict_end(self, trainer, pl_module):
         """Rank 0 folds the rank files into results.jsonl and keeps one record per key."""
@@ -164,13 +95,18 @@ class PredictionWriter(BasePredictionWriter):
             self._lock = None
 
 
-class InversionLogger(Callback):
-    """Logs inversion runs to the Trainer's loggers, batch by batch.
+TABLE_SKIP = ("distances", "fingerprint", "prior", "encoder", "image", "best_image", "target_image", "text")
 
-    Per batch: the running mean distance curve per (dataset, method) (W&B: a line chart over
-    ``guidance/step``), the comparison grid, the batch's table rows with thumbnails and running
-    means. At the end (rank 0): the summary over every record in the output directory (all ranks,
-    earlier resumed runs included). Other loggers get the curves and means through ``log_metrics``.
+
+class RunLogger(Callback):
+    """Logs an analysis run to the Trainer's loggers, batch by batch (see the module docstring).
+
+    W&B: per batch a line chart of each (dataset, method)'s running-mean per-step curve over
+    ``guidance/step`` (``curves/...``), the grids, the batch's rows in an incremental ``results``
+    table (thumbnails of the images), any extra tables and plots, and running means under
+    ``running/...``; at the end the mean curves as history on the ``guidance/step`` axis and the
+    summary (means and counts per dataset and method) over every record of the output directory
+    (all ranks, earlier resumed runs included). Other loggers get curves and means via ``log_metrics``.
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, max_table_rows: int = 2000, log_grids: bool = True):
@@ -179,31 +115,30 @@ class InversionLogger(Callback):
 
     def on_predict_start(self, trainer, pl_module):
         self._curves = defaultdict(lambda: [None, 0])  # (dataset, method) -> [sum of curves, count]
-        self._rows = 0
-        self._batches = 0
-        self._table = None
+        self._records: list[dict] = []
+        self._rows, self._batches, self._table = 0, 0, None
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not trainer.loggers or not outputs["results"]:
+        recs = [r for r in outputs.get("records", []) if "skipped" not in r]
+        if not trainer.loggers or not (recs or outputs.get("tables") or outputs.get("plots")):
             return
-        dataset = outputs["dataset"][0]
         self._batches += 1
+        self._records += recs
         curves = {}
-        for method, (_, r) in outputs["results"].items():
-            acc = self._curves[(dataset, method)]
-            s = r.distances.sum(0).double()
-            acc[0] = s if acc[0] is None else acc[0] + s
-            acc[1] += r.distances.shape[0]
-            curves[f"curves/{dataset}/{method}"] = (acc[0] / acc[1]).tolist()
-        recs = rows(outputs, pl_module)
-        means = {f"running/final_cos/{dataset}/{m}": float(r.final_cos.mean()) for m, (_, r) in outputs["results"].items()}
+        for (dataset, method), c in outputs.get("curves", {}).items():
+            acc, s = self._curves[(dataset, method)], c.sum(0).double()
+            if acc[0] is None or len(acc[0]) == len(s):
+                acc[0], acc[1] = (s if acc[0] is None else acc[0] + s), acc[1] + c.shape[0]
+                curves[f"curves/{dataset}/{method}"] = (acc[0] / acc[1]).tolist()
+        means = {f"running/{k}": v for k, v in summary_means(self._records).items() if not k.startswith("n/")}
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 self._log_wandb_batch(lg, outputs, recs, curves, means)
             else:
                 lg.log_metrics(means, step=self._batches)
                 if self.log_grids:
-                    _log_image(lg, f"grids/{dataset}", batch_grid(outputs), "", self._batches)
+                    for rel, grid in outputs.get("grids", {}).items():
+                        _log_image(lg, Path(rel).stem, grid, self._batches)
 
     def _log_wandb_batch(self, lg: WandbLogger, outputs, recs, curves, means):
         import wandb
@@ -212,34 +147,35 @@ class InversionLogger(Callback):
         run.define_metric("predict/batch")
         run.define_metric("running/*", step_metric="predict/batch")
         payload = {"predict/batch": self._batches, **means}
-        for key, c in curves.items():  # the running mean distance curve, redrawn each batch
-            payload[key] = wandb.plot.line(wandb.Table(data=[[i, v] for i, v in enumerate(c)],
-                                                       columns=["guidance/step", "distance"]),
-                                           "guidance/step", "distance", title=key)
+        for key, c in curves.items():  # the running mean curve, redrawn each batch
+            table = wandb.Table(data=[[i, v] for i, v in enumerate(c)], columns=["guidance/step", "distance"])
+            payload[key] = wandb.plot.line(table, "guidance/step", "distance", title=key)
         if self.log_grids:
-            caption = "rows: " + " | ".join((["target"] if outputs["target_image"] is not None else [])
-                                            + list(outputs["results"]))
-            payload[f"grids/{outputs['dataset'][0]}"] = wandb.Image(batch_grid(outputs), caption=caption)
-        if self._rows < self.max_table_rows:
+            for rel, grid in outputs.get("grids", {}).items():
+                payload[f"grids/{Path(rel).stem.rsplit('_', 1)[0]}"] = wandb.Image(grid, caption=outputs.get("grid_caption"))
+        for name, (cols, rows) in outputs.get("tables", {}).items():
+            payload[f"tables/{name}"] = wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+        for name, fig in outputs.get("plots", {}).items():
+            payload[f"plots/{name}"] = wandb.Image(fig)
+        if recs and self._rows < self.max_table_rows:
+            cols = [k for k in recs[0] if k not in TABLE_SKIP and isinstance(recs[0][k], (str, int, float, type(None)))]
             if self._table is None:
-                self._table = wandb.Table(columns=TABLE_COLUMNS + ["target", "inversion"], log_mode="INCREMENTAL")
-            thumbs = {m: display(method_images(outputs, m)) for m in outputs["results"]}
-            tgt = display(outputs["target_image"]) if outputs["target_image"] is not None else None
+                self._columns = cols
+                self._table = wandb.Table(columns=cols + ["target", "output"], log_mode="INCREMENTAL")
+            images = outputs.get("images", {})
             for rec in recs:
-                b = rec["_pos"]
-                self._table.add_data(*[rec.get(c) for c in TABLE_COLUMNS],
-                                     wandb.Image(tgt[b]) if tgt is not None else None,
-                                     wandb.Image(thumbs[rec["method"]][b]))
+                thumbs = [wandb.Image(images[rec[k]]) if rec.get(k) in images else None for k in ("target_image", "image")]
+                self._table.add_data(*[rec.get(c) for c in self._columns], *thumbs)
                 self._rows += 1
             payload["results"] = self._table
         run.log(payload)
 
     def on_predict_end(self, trainer, pl_module):
-        """Rank 0: the summary over every record of the output directory (after the merge)."""
+        """Rank 0: mean curves and the summary over every record of the output directory (after the merge)."""
         if not trainer.loggers or not trainer.is_global_zero:
             return
         out = self.output_dir or _writer_dir(trainer)
-        records = list(R.latest(R.read_dir(out)).values()) if out is not None else []
+        records = list(R.latest(R.read_dir(out)).values()) if out is not None else self._records
         means, curves = summary_means(records), mean_curves(records)
         n = max((len(c) for c in curves.values()), default=0)
         for lg in trainer.loggers:
@@ -258,20 +194,21 @@ class InversionLogger(Callback):
             lg.save()
 
 
-TABLE_COLUMNS = ["dataset", "index", "label", "method", "final_cos", "best_cos", "final_l2", "nfe"]
-
-
 def summary_means(records: list[dict]) -> dict[str, float]:
-    """final_cos / best_cos means and record counts per (dataset, method), skipped records excluded."""
+    """Mean of every numeric field (final_cos, best_cos, eval/... scores, ...) and the record count
+    per (dataset, method), over non-skipped records; keys ``<field>/<dataset>/<method>``."""
     groups = defaultdict(list)
     for r in records:
-        if "skipped" not in r and r.get("final_cos") is not None:
+        if "skipped" not in r:
             groups[(r["dataset"], r["method"])].append(r)
     out = {}
     for (d, m), rs in groups.items():
-        out[f"final_cos/{d}/{m}"] = sum(r["final_cos"] for r in rs) / len(rs)
-        out[f"best_cos/{d}/{m}"] = sum(r["best_cos"] for r in rs) / len(rs)
         out[f"n/{d}/{m}"] = len(rs)
+        fields = {k for r in rs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k in sorted(fields - {"index", "label", "seed"}):
+            vals = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            if vals:
+                out[f"{k}/{d}/{m}"] = sum(vals) / len(vals)
     return out
 
 
@@ -295,6 +232,6 @@ def _writer_dir(trainer) -> Path | None:
     return None
 
 
-def _log_image(lg: Logger, key: str, grid: torch.Tensor, caption: str, step: int) -> None:
+def _log_image(lg: Logger, key: str, grid: torch.Tensor, step: int) -> None:
     if hasattr(getattr(lg, "experiment", None), "add_image"):  # TensorBoard
         lg.experiment.add_image(key, grid, global_step=step)

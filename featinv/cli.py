@@ -4,6 +4,7 @@
     featinv predict -c configs/quickstart.yaml --print_config
     featinv methods                                      # list method presets
     featinv layers zoo:digits-cnn                        # list an encoder's layer names
+    featinv report outputs/a outputs/b --out report      # compare results directories (Markdown + CSV)
 
 Top-level options: ``--output_dir`` (results.jsonl, samples/, grids/, wandb/; ``--trainer.
 default_root_dir`` is an alias), ``--resume auto|new_run`` (a directory written by another
@@ -28,7 +29,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from featinv import results as R  # noqa: E402
-from featinv.callbacks import InversionLogger, PredictionWriter  # noqa: E402
+from featinv.callbacks import PredictionWriter, RunLogger  # noqa: E402
 from featinv.data import TargetDataModule  # noqa: E402
 from featinv.module import InversionModule  # noqa: E402
 
@@ -126,7 +127,7 @@ class FeatinvCLI(LightningCLI):
             cfg["logger"] = make_wandb_logger(out, wb) if wb.mode != "disabled" else False
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         extra += [PredictionWriter(out, skip_corrupt=self._get(self.config_init, "skip_corrupt")),
-                  InversionLogger(out)]
+                  RunLogger(out)]
         return self._instantiate_trainer(cfg, extra)
 
     def after_predict(self) -> None:
@@ -142,7 +143,12 @@ class FeatinvCLI(LightningCLI):
                 print(f"         {type(lg).__name__} run -> {run_dir}")
                 if "offline-run" in run_dir:
                     print(f"         upload it with: wandb sync {run_dir}")
-        print("\n" + R.summary_table(R.read_dir(Path(out))))
+        if any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
+            import wandb
+
+            wandb.finish()  # flush summary and history before the process exits
+        records = R.read_dir(Path(out))
+        print("\n" + R.summary_table(records, extra=sorted({k for r in records for k in r if k.startswith("eval/")})))
 
 
 def make_wandb_logger(output_dir: str, wb: WandbSettings):
@@ -213,6 +219,7 @@ def _layers(argv: list[str]) -> None:
 USAGE = """usage: featinv predict -c CONFIG.yaml [--key value ...]   run inversions (--help for all options)
        featinv methods                                   list method presets
        featinv layers ENCODER_SPEC                       list an encoder's layer names
+       featinv report DIR [DIR ...] [--out PATH]          one comparison table over results directories
        add --debug (or FEATINV_DEBUG=1) to any command for full tracebacks"""
 
 
@@ -239,6 +246,10 @@ def main(args=None) -> None:
     try:
         if command == "layers":
             return _layers(rest)
+        if command == "report":
+            from featinv.report import main as report
+
+            return report(rest)
         if command == "methods":
             from featinv.methods import list_methods
 

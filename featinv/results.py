@@ -320,7 +320,7 @@ def summary_table(records: Iterable[dict], extra: Iterable[str] = ()) -> str:
         agg[(r["dataset"], r["method"])].append(r)
     extra = [k for k in extra if any(k in r for r in recs)]
     head = f"{'dataset':<16}{'method':<16}{'n':>5}{'final_cos':>11}{'best_cos':>10}{'nfe':>7}{'s/img':>8}"
-    lines = [head + "".join(f"{k[:14]:>15}" for k in extra)]
+    lines = [head + "".join(f"{k.removeprefix('eval/')[-16:]:>17}" for k in extra)]
 
     def mean(rs, k):
         v = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
@@ -329,7 +329,7 @@ def summary_table(records: Iterable[dict], extra: Iterable[str] = ()) -> str:
     for (d, m), rs in sorted(agg.items()):
         lines.append(f"{d[:15]:<16}{m[:15]:<16}{len(rs):>5}{mean(rs, 'final_cos'):>11.4f}{mean(rs, 'best_cos'):>10.4f}"
                      f"{mean(rs, 'nfe'):>7.0f}{mean(rs, 'seconds'):>8.3f}"
-                     + "".join(f"{mean(rs, k):>15.4f}" for k in extra))
+                     + "".join(f"{mean(rs, k):>17.4f}" for k in extra))
     if skipped:
         lines.append(f"{skipped} record(s) skipped (see 'skipped' in {RESULTS})")
     return "\n".join(lines)

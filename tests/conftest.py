@@ -81,3 +81,10 @@ def tiny_encoder():
     m = TinyCNN()
     m(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer
     return Encoder(m, "penultimate", input_size=8, in_chans=1, name="tiny-cnn")
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service(monkeypatch):
+    """An in-process W&B run exports WANDB_SERVICE; subprocesses (CLI, DDP runs) must start their own
+    service rather than attach to this process's one (whose runs tests finish and tear down)."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)

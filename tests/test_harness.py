@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featinv.callbacks import InversionLogger, PredictionWriter
+from featinv.callbacks import RunLogger, PredictionWriter
 from featinv.data import FeatureTargets, ImageTargets, TargetDataModule
 from featinv.module import InversionModule
 
@@ -38,7 +38,7 @@ def module(tiny_prior, tiny_encoder):
 def _trainer(tmp_path, logger, **kw):
     return L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=logger, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                     callbacks=[PredictionWriter(tmp_path / "out"), InversionLogger()], **kw)
+                     callbacks=[PredictionWriter(tmp_path / "out"), RunLogger()], **kw)
 
 
 def test_two_datasets_output_contract_and_offline_wandb(tmp_path, image_dir, module, tiny_encoder):

@@ -15,7 +15,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import TinyCNN, tiny_unet_and_scheduler  # noqa: E402
-from featinv.callbacks import InversionLogger, PredictionWriter  # noqa: E402
+from featinv.callbacks import RunLogger, PredictionWriter  # noqa: E402
 from featinv.data import FeatureTargets, TargetDataModule  # noqa: E402
 from featinv.encoders import Encoder  # noqa: E402
 from featinv.module import InversionModule  # noqa: E402
@@ -54,7 +54,7 @@ def main():
     module = InversionModule(prior=PixelPrior(*tiny_unet_and_scheduler()), encoder=enc, progress=False,
                              methods=[{"preset": "fast", "steps": 4, "recurrence": 1, "early_steps": 0},
                                       {"preset": "unguided", "steps": 4}])
-    callbacks = [PredictionWriter(os.path.join(a.out, "out")), InversionLogger()]
+    callbacks = [PredictionWriter(os.path.join(a.out, "out")), RunLogger()]
     # the writer comes first: a kill after batch K leaves K batches written
     callbacks += [KillAfter(a.kill_after)] if a.kill_after else []
     logger = False
@@ -69,6 +69,9 @@ def main():
                     return_predictions=False)
     if a.wandb and trainer.is_global_zero:
         print("WANDB_DIR", os.path.dirname(logger.experiment.dir))
+        import wandb
+
+        wandb.finish()  # flush the summary before the process (and its DDP workers) exits
 
 
 if __name__ == "__main__":
