@@ -216,6 +216,34 @@ def _layers(argv: list[str]) -> None:
         sys.stderr.close()
 
 
+def _report(argv: list[str]) -> None:
+    import argparse
+
+    from featinv.report import compare, load, to_csv, to_markdown
+
+    ap = argparse.ArgumentParser(prog="featinv report", description="One comparison table (encoder x method: "
+                                 "cosine, evaluator scores, retention, NFE, s/image) over results directories.")
+    ap.add_argument("dirs", nargs="+", help="featinv output directories")
+    ap.add_argument("--out", help="write OUT.md and OUT.csv (default: print Markdown only)")
+    ap.add_argument("--wandb", action="store_true", help="also log the table to a W&B run (offline unless configured)")
+    ap.add_argument("--project", default="featinv")
+    a = ap.parse_args(argv)
+    cols, rows = compare(load(a.dirs))
+    md = to_markdown(cols, rows)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out + ".md").write_text(md)
+        Path(a.out + ".csv").write_text(to_csv(cols, rows))
+        print(f"featinv: report -> {a.out}.md, {a.out}.csv")
+    print(md)
+    if a.wandb:
+        import wandb
+
+        run = wandb.init(project=a.project, job_type="report", config={"dirs": a.dirs})
+        run.log({"report": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+        run.finish()
+
+
 USAGE = """usage: featinv predict -c CONFIG.yaml [--key value ...]   run inversions (--help for all options)
        featinv methods                                   list method presets
        featinv layers ENCODER_SPEC                       list an encoder's layer names
@@ -247,9 +275,7 @@ def main(args=None) -> None:
         if command == "layers":
             return _layers(rest)
         if command == "report":
-            from featinv.report import main as report
-
-            return report(rest)
+            return _report(rest)
         if command == "methods":
             from featinv.methods import list_methods
 

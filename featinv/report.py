@@ -16,7 +16,7 @@ from pathlib import Path
 
 from featinv import results as R
 
-__all__ = ["load", "compare", "to_markdown", "to_csv", "main"]
+__all__ = ["load", "compare", "to_markdown", "to_csv"]
 
 GROUP = ("dataset", "encoder", "method")
 
@@ -101,28 +101,3 @@ def to_csv(cols: list[str], rows: list[dict]) -> str:
     w.writeheader()
     w.writerows([{c: r.get(c) for c in cols} for r in rows])
     return buf.getvalue()
-
-
-def main(argv: list[str]) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="featinv report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dirs", nargs="+", help="featinv output directories")
-    ap.add_argument("--out", help="write OUT.md and OUT.csv (default: print Markdown)")
-    ap.add_argument("--wandb", action="store_true", help="also log the table to a W&B run (offline unless set)")
-    ap.add_argument("--project", default="featinv")
-    a = ap.parse_args(argv)
-    cols, rows = compare(load(a.dirs))
-    md = to_markdown(cols, rows)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out + ".md").write_text(md)
-        Path(a.out + ".csv").write_text(to_csv(cols, rows))
-        print(f"featinv: report -> {a.out}.md, {a.out}.csv")
-    print(md)
-    if a.wandb:
-        import wandb
-
-        run = wandb.init(project=a.project, job_type="report", config={"dirs": a.dirs})
-        run.log({"report": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
-        run.finish()
