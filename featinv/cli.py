@@ -25,13 +25,13 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from featinv import results as R  # noqa: E402
 from featinv.callbacks import PredictionWriter, RunLogger  # noqa: E402
-from featinv.data import TargetDataModule  # noqa: E402
-from featinv.module import InversionModule  # noqa: E402
+from featinv.harness import AnalysisModule  # noqa: E402
 
 __all__ = ["FeatinvCLI", "WandbSettings", "main"]
 
@@ -90,7 +90,10 @@ class FeatinvCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", KeepConfigs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(InversionModule, TargetDataModule, *args, **kwargs)
+        # Any featinv AnalysisModule (inversion by default; explainers under featinv.explain) and any
+        # LightningDataModule (TargetDataModule by default): `model: {class_path: ..., init_args: ...}`.
+        super().__init__(AnalysisModule, L.LightningDataModule, *args, subclass_mode_model=True,
+                         subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output_dir", type=str | None, default=None,
@@ -101,7 +104,9 @@ class FeatinvCLI(LightningCLI):
         parser.add_argument("--skip_corrupt", type=bool, default=False,
                             help="skip (and report) corrupt lines of an existing results.jsonl instead of refusing")
         parser.add_class_arguments(WandbSettings, "wandb")
-        parser.link_arguments("seed_everything", "model.seed")
+        parser.set_defaults({"model": {"class_path": "featinv.module.InversionModule"},
+                             "data": {"class_path": "featinv.data.TargetDataModule"}})
+        parser.link_arguments("seed_everything", "model.init_args.seed")
 
     def output_dir(self) -> str:
         out = self._get(self.config_init, "output_dir")
@@ -173,6 +178,10 @@ def make_wandb_logger(output_dir: str, wb: WandbSettings):
 
 class FallbackWandbLogger(WandbLogger):
     """A WandbLogger whose ``experiment`` falls back to an offline run if wandb.init fails."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb: passing None still warns
 
     @property
     def experiment(self):
@@ -251,12 +260,22 @@ USAGE = """usage: featinv predict -c CONFIG.yaml [--key value ...]   run inversi
        add --debug (or FEATINV_DEBUG=1) to any command for full tracebacks"""
 
 
+def _quiet_startup() -> None:
+    """Silence start-up noise that featinv's own choices cause: Lightning's litlogger tip (featinv
+    logs to W&B), its pytree deprecation warning, W&B's 'anonymous' warning (see FallbackWandbLogger)."""
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def _sigterm(signum, frame):
     """SIGTERM (``timeout``, schedulers) stops a run as Ctrl-C does: promptly, results kept."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _predict(rest: list[str]) -> None:
+    _quiet_startup()
     # Predictions are written by PredictionWriter as batches finish, never kept in memory.
     with warnings.catch_warnings():  # "args and sys.argv both given": we strip the subcommand on purpose
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
@@ -289,6 +308,8 @@ def main(args=None) -> None:
     except Exception as e:  # a user error (bad option, missing file, unknown name): one line, no traceback
         if debug:
             raise
+        while e.__cause__ is not None:  # jsonargparse wraps a failed instantiation: the cause says why
+            e = e.__cause__
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"featinv: error: {msg}\n(run again with --debug for the traceback)", file=sys.stderr)
         sys.exit(2)

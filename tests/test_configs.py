@@ -20,7 +20,10 @@ def test_config_parses_and_methods_build(path, capsys):
         main(["predict", "-c", path, "--print_config"])
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["encoder"] and printed["data"]["datasets"]
+    model, data = (printed[k].get("init_args", printed[k]) for k in ("model", "data"))
+    assert printed["model"]["class_path"].startswith("featinv.") and data
+    if printed["model"]["class_path"] == "featinv.module.InversionModule":
+        assert model["encoder"] and data["datasets"]
     for spec in yaml.safe_load(Path(path).read_text())["model"].get("methods") or ["fast"]:
         method = make_method(spec)
         assert method.name == (spec if isinstance(spec, str) else spec.get("name", spec["preset"]))
