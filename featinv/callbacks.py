@@ -196,11 +196,13 @@ class RunLogger(Callback):
 
 def summary_means(records: list[dict]) -> dict[str, float]:
     """Mean of every numeric field (final_cos, best_cos, eval/... scores, ...) and the record count
-    per (dataset, method), over non-skipped records; keys ``<field>/<dataset>/<method>``."""
+    per (dataset, method), over non-skipped records; keys ``<field>/<dataset>/<method>``, and
+    ``<field>/<dataset>/all`` over every method (a sweep's metric, one method per run)."""
     groups = defaultdict(list)
     for r in records:
         if "skipped" not in r:
             groups[(r["dataset"], r["method"])].append(r)
+            groups[(r["dataset"], "all")].append(r)
     out = {}
     for (d, m), rs in groups.items():
         out[f"n/{d}/{m}"] = len(rs)

@@ -212,8 +212,8 @@ class DigitsTargets(TargetSource):
         from featinv.zoo.digits import load_digits
 
         self.name = name or f"digits-{split}"
-        if split not in ("train", "test"):
-            raise ValueError(f"dataset {self.name!r}: split={split!r} is invalid; it must be 'train' or 'test'")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"dataset {self.name!r}: split={split!r} is invalid; it must be 'train', 'val' or 'test'")
         images, labels = load_digits(split)
         n = self._limit(len(images), limit)
         self.images, self.labels = images[:n], labels[:n]

@@ -7,7 +7,7 @@ import yaml
 from featinv.cli import main
 from featinv.methods import make_method
 
-CONFIGS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+CONFIGS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if p.parent.name != "sweeps")
 
 
 def test_there_are_configs():
@@ -52,6 +52,28 @@ def test_encoder_spec_options_reach_the_builder(path, monkeypatch):
     assert seen == {"name": parsed.name, "layer": parsed.layer, **parsed.options}
     if "quantize=true" in spec:
         assert seen["quantize"] is True
+
+
+SWEEPS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/sweeps/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: Path(p).stem)
+def test_every_sweep_value_gives_a_valid_config(path, capsys):
+    import json
+
+    sweep = yaml.safe_load(Path(path).read_text())
+    cmd = sweep["command"]
+    assert cmd[:3] == ["featinv", "predict", "-c"] and cmd[-1] == "${args}" and sweep["program"] == "featinv"
+    values = sweep["parameters"]["model.methods"]["values"]
+    assert len(values) >= 3
+    for value in values:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd[1:-1], f"--model.methods={value}", "--print_config"])
+        assert e.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["methods"] == json.loads(value)
+        assert printed["data"]["init_args"]["datasets"][0]["init_args"]["split"] == "val"
+        assert [make_method(m).name for m in json.loads(value)]
 
 
 def test_cli_usage_and_methods(capsys):

@@ -117,8 +117,8 @@ def test_invalid_baseline_and_dataset_options_refused():
         featinv.get_method("fourier", steps=0)
     with pytest.raises(ValueError, match=r"limit=-1 is invalid; it must be an integer >= 1 or null"):
         DigitsTargets(limit=-1)
-    with pytest.raises(ValueError, match=r"split='val' is invalid"):
-        DigitsTargets(split="val")
+    with pytest.raises(ValueError, match=r"split='valid' is invalid"):
+        DigitsTargets(split="valid")
     with pytest.raises(ValueError, match=r"batch_size=0 is invalid"):
         TargetDataModule([DigitsTargets(limit=2)], batch_size=0)
 

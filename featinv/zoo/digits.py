@@ -42,6 +42,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 IMAGE_SIZE = 16
 SPLIT_RANDOM_STATE = 0
 SPLIT_TEST_SIZE = 0.2
+VAL_SIZE = 256
+SPLITS = ("train", "val", "test", "all")
 
 CNN_FILE = "digits-cnn.safetensors"
 VIT_FILE = "digits-vit.safetensors"
@@ -69,12 +71,15 @@ def _split_indices_cached(split: str) -> torch.Tensor:
     if split == "all":
         return torch.from_numpy(idx).long()
     tr, te = train_test_split(idx, test_size=SPLIT_TEST_SIZE, random_state=SPLIT_RANDOM_STATE, stratify=y)
+    if split == "val":  # a fixed, stratified subset of the train split, for choosing hyper-parameters
+        _, va = train_test_split(tr, test_size=VAL_SIZE, random_state=SPLIT_RANDOM_STATE, stratify=y[tr])
+        return torch.from_numpy(va).long()
     return torch.from_numpy(tr if split == "train" else te).long()
 
 
 def _check_split(split: str) -> None:
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def split_indices(split: str = "test") -> torch.Tensor:
@@ -93,8 +98,10 @@ def _load_digits_cached(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def load_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """Digits images (N, 1, 16, 16) float32 in [0, 1] and labels (N,) int64.
 
-    ``split``: ``"train"`` (1,437), ``"test"`` (360) or ``"all"`` (1,797, sklearn's order). The split is
-    the fixed stratified ``train_test_split(test_size=0.2, random_state=0, stratify=y)``.
+    ``split``: ``"train"`` (1,437), ``"test"`` (360), ``"all"`` (1,797, sklearn's order) or ``"val"``
+    (256, a fixed stratified subset of train: the models saw these digits, but benchmarks choose
+    hyper-parameters on them and report on test). The split is the fixed stratified
+    ``train_test_split(test_size=0.2, random_state=0, stratify=y)``.
     Results are cached; each call returns fresh clones.
     """
     _check_split(split)
