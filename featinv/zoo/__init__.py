@@ -3,6 +3,8 @@
 Specs: prior ``zoo:digits-ddpm``; encoders ``zoo:digits-cnn[@layer]`` (default layer
 ``penultimate``, 64-d) and ``zoo:digits-vit[@layer]`` (default: the CLS embedding).
 Weights are safetensors under ``featinv/zoo/weights``; ``python -m featinv.zoo.train`` rebuilds them.
+The shapes world (``featinv.zoo.shapes``) adds ``zoo:shapes-sd``, ``zoo:shapes-multi-sd`` and the
+``zoo:shapes-*`` encoders.
 """
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ ZOO_ENCODERS = ("digits-cnn", "digits-vit")
 
 
 @register_prior("zoo")
-def zoo_prior(name: str, _layer=None, path=None, **_) -> PixelPrior:
+def zoo_prior(name: str, _layer=None, path=None, **kw) -> PixelPrior:
     from featinv.zoo import digits
+
+    if name.startswith("shapes-"):  # the shapes world: a latent (Stable Diffusion layout) prior
+        from featinv.zoo import shapes
+
+        return shapes.load_prior(name, **kw)
 
     if name != "digits-ddpm":
         raise KeyError(f"unknown zoo prior {name!r}; the zoo has: 'digits-ddpm'")
@@ -25,6 +32,11 @@ def zoo_prior(name: str, _layer=None, path=None, **_) -> PixelPrior:
 @register_encoder("zoo")
 def zoo_encoder(name: str, layer: str | None = None, path=None, quantize: bool = False, **_) -> Encoder:
     from featinv.zoo import digits
+
+    if name.startswith("shapes-"):
+        from featinv.zoo import shapes
+
+        return shapes.load_encoder(name, layer, quantize=quantize)
 
     if name == "digits-cnn":
         model, default = digits.load_digits_cnn(path), "penultimate"
