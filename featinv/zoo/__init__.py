@@ -3,21 +3,33 @@
 Digits world: prior ``zoo:digits-ddpm``; encoders ``zoo:digits-cnn[@layer]`` (default layer
 ``penultimate``, 64-d) and ``zoo:digits-vit[@layer]`` (default: the CLS embedding); ``@logits``
 gives class scores. Options as for every family: ``zoo:digits-cnn?quantize=true&path=<weights>``.
+
+Shapes world (``featinv.zoo.shapes``): priors ``zoo:shapes-sd`` and ``zoo:shapes-multi-sd``
+(``?prompt=...&cfg_scale=...``); encoders ``zoo:shapes-shape``, ``zoo:shapes-color``,
+``zoo:shapes-invariant``, ``zoo:shapes-clip`` (``?normalize=true``) and
+``zoo:shapes-target-<name>``; the judges ``zoo:shapes-reader`` and ``zoo:shapes-detector``
+(evaluators: ``read(images) -> {factor: (value, confidence)}``).
 Weights are safetensors under ``featinv/zoo/weights``; ``python -m featinv.zoo.train`` rebuilds them.
 """
 from __future__ import annotations
 
 from featinv.encoders import Encoder
-from featinv.priors import PixelPrior
+from featinv.priors import PixelPrior, Prior
 from featinv.specs import register_encoder, register_prior, suggest
 
-ZOO_PRIORS = ("digits-ddpm",)
-ZOO_ENCODERS = ("digits-cnn", "digits-vit")
+ZOO_PRIORS = ("digits-ddpm", "shapes-sd", "shapes-multi-sd")
+ZOO_ENCODERS = ("digits-cnn", "digits-vit", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip",
+                "shapes-target-<name>", "shapes-reader", "shapes-detector")
 
 
 @register_prior("zoo")
-def zoo_prior(name: str, layer=None, *, path: str | None = None) -> PixelPrior:
-    """``zoo:digits-ddpm``."""
+def zoo_prior(name: str, layer=None, *, path: str | None = None, prompt: str = "", negative_prompt: str = "",
+              cfg_scale: float = 1.0) -> Prior:
+    """``zoo:digits-ddpm``, ``zoo:shapes-sd``, ``zoo:shapes-multi-sd``."""
+    if name.startswith("shapes-"):  # the shapes world: a latent prior in Stable Diffusion's layout
+        from featinv.zoo import shapes
+
+        return shapes.load_prior(name, root=path, prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale)
     from featinv.zoo import digits
 
     if name != "digits-ddpm":
@@ -28,8 +40,17 @@ def zoo_prior(name: str, layer=None, *, path: str | None = None) -> PixelPrior:
 
 @register_encoder("zoo")
 def zoo_encoder(name: str, layer: str | None = None, *, path: str | None = None, quantize: bool = False,
-                pool: str | None = None, call: int | None = None) -> Encoder:
-    """``zoo:digits-cnn[@layer]``, ``zoo:digits-vit[@layer]``; ``@logits`` = the class scores."""
+                pool: str | None = None, call: int | None = None, normalize: bool = False):
+    """``zoo:<model>[@layer]``; ``@logits`` = the class scores (see the module docstring)."""
+    if name in ("shapes-reader", "shapes-detector"):
+        from featinv.zoo.shapes.judges import Judge
+
+        return Judge(name, root=path)
+    if name.startswith("shapes-"):
+        from featinv.zoo import shapes
+
+        return shapes.load_encoder(name, layer, quantize=quantize, pool=pool, call=call, normalize=normalize,
+                                   root=path)
     from featinv.zoo import digits
 
     if name == "digits-cnn":

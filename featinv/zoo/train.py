@@ -3,6 +3,7 @@
     python -m featinv.zoo.train                        # all three, into featinv/zoo/weights/
     python -m featinv.zoo.train --what cnn,vit --out /tmp/w --seed 1
     python -m featinv.zoo.train --what prior --prior-steps 500   # a quick, weaker prior
+    python -m featinv.zoo.train --what shapes                    # the shapes world (featinv.zoo.shapes.train)
 
 Every model is seeded (``torch.manual_seed(seed)`` for the initialisation, one ``torch.Generator``
 seeded with ``seed`` for the data order, augmentation, noise and timesteps), trains on the train split
@@ -257,7 +258,8 @@ def _jsonable(d: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m featinv.zoo.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--what", default="prior,cnn,vit", help="comma list of: prior, cnn, vit")
+    p.add_argument("--what", default="prior,cnn,vit",
+                   help="comma list of: prior, cnn, vit; shapes (all shapes-world stages) or shapes-<stage>")
     p.add_argument("--out", type=Path, default=D.WEIGHTS_DIR, help="output folder (weights + meta.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -270,11 +272,20 @@ def parse_args(argv=None):
     p.add_argument("--prior-lr", type=float, default=1e-3)
     p.add_argument("--prior-warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--shapes-scale", type=float, default=1.0, help="shapes world: multiply steps and data sizes")
     args = p.parse_args(argv)
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
-    bad = set(args.what) - {"prior", "cnn", "vit"}
+    args.shapes = [w for w in args.what if w == "shapes" or w.startswith("shapes-")]
+    bad = set(args.what) - {"prior", "cnn", "vit"} - set(args.shapes)
     if bad:
-        p.error(f"--what: unknown {sorted(bad)}; choose from prior, cnn, vit")
+        p.error(f"--what: unknown {sorted(bad)}; choose from prior, cnn, vit, shapes, shapes-<stage>")
+    if args.shapes:
+        from featinv.zoo.shapes.train import expand
+
+        try:
+            expand(args.shapes)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -287,6 +298,10 @@ def main(argv=None) -> dict:
     for what, fn in (("cnn", train_cnn), ("vit", train_vit), ("prior", train_prior)):  # cheap ones first
         if what in args.what:
             results[what] = fn(args)
+    if args.shapes:
+        from featinv.zoo.shapes import train as shapes_train
+
+        results["shapes"] = shapes_train.run(args.shapes, args.out, seed=args.seed, scale=args.shapes_scale)
     print(f"all done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return results
 

@@ -1,0 +1,113 @@
+"""One plain-PyTorch training loop for every small shapes-world classifier (readers, encoders, targets).
+
+``fit`` trains a multi-head model (``nets.ReaderNet`` / ``nets.ShapesCNN``) on images in [0, 1] with
+per-head labels: cross-entropy heads (int64 labels) or one multi-label BCE head (float (N, K) labels).
+AdamW, linear warmup + cosine decay, optional augmentation ``aug(x, gen) -> x``; seeded by ``seed``
+(initialisation is the caller's ``torch.manual_seed``; data order and augmentation use one generator).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featinv.zoo.shapes.nets import split_logits
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def head_loss(logits: torch.Tensor, y: dict[str, torch.Tensor], heads: dict[str, int]) -> torch.Tensor:
+    out = split_logits(logits, heads)
+    loss = 0.0
+    for name, lg in out.items():
+        t = y[name]
+        loss = loss + (F.binary_cross_entropy_with_logits(lg, t.float()) if t.is_floating_point() or t.dtype == torch.bool
+                       else F.cross_entropy(lg, t))
+    return loss
+
+
+def fit(name: str, model: nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor], *, steps: int, batch: int,
+        lr: float, seed: int, weight_decay: float = 1e-4, warmup: int = 50, aug=None, log_every: int = 200) -> dict:
+    """Train in place; returns {steps, batch, lr, wall_seconds, median_step_seconds, final_loss}."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    heads = model.heads
+    perm, pos, times, run = torch.randperm(len(x), generator=gen), 0, [], None
+    t0 = time.time()
+    for step in range(steps):
+        ts = time.time()
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(len(x), generator=gen), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        xb = x[idx]
+        if aug is not None:
+            xb = aug(xb, gen)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, warmup, lr)
+        model.train()
+        loss = head_loss(model(xb), {k: v[idx] for k, v in y.items()}, heads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.time() - ts)
+        run = loss.item() if run is None else 0.95 * run + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"[{name}] step {step + 1}/{steps} loss {run:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    return dict(steps=steps, batch_size=batch, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
+                optimizer="AdamW", lr_schedule="linear warmup, cosine to 0", wall_seconds=round(time.time() - t0, 1),
+                median_step_seconds=round(sorted(times)[len(times) // 2], 4), final_loss=round(run, 5))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> dict[str, torch.Tensor]:
+    """{head: logits} over ``x`` in batches (eval mode)."""
+    model.eval()
+    outs = [model(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return split_logits(torch.cat(outs), model.heads)
+
+
+def accuracies(model: nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-head accuracy (argmax for CE heads, per-element logit > 0 for BCE heads)."""
+    out = predict(model, x)
+    res = {}
+    for k, t in y.items():
+        if t.dtype == torch.bool or t.is_floating_point():
+            res[k] = round(float(((out[k] > 0) == t.bool()).float().mean()), 6)
+        else:
+            res[k] = round(float((out[k].argmax(1) == t).float().mean()), 6)
+    return res
+
+
+# -- augmentations --------------------------------------------------------------------------------
+def add_noise(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 0.04) -> torch.Tensor:
+    """Gaussian pixel noise with a per-image sigma ~ U(0, max_sigma), clamped to [0, 1]."""
+    s = torch.rand(len(x), 1, 1, 1, generator=gen) * max_sigma
+    return (x + s * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def shift(x: torch.Tensor, gen: torch.Generator, max_px: float = 8.0) -> torch.Tensor:
+    """Random translation by U(-max_px, max_px) pixels per axis; borders replicate the background."""
+    b, _, h, w = x.shape
+    t = (torch.rand(b, 2, generator=gen) * 2 - 1) * max_px * 2 / torch.tensor([w, h])
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def hue(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random RGB channel permutation per image (6 permutations): changes hue, keeps shapes."""
+    perms = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    p = perms[torch.randint(0, 6, (len(x),), generator=gen)]
+    return torch.gather(x, 1, p[:, :, None, None].expand(-1, -1, *x.shape[2:]))

@@ -1,0 +1,141 @@
+"""``zoo:shapes-sd``: a miniature Stable Diffusion with SD's exact structure and folder layout.
+
+``AutoencoderKL`` 32x32x3 -> 8x8x4, ``UNet2DConditionModel`` with cross-attention at 8x8, 4x4 and 2x2
+(diffusers' LEDITS++ aggregates attention at latent_res / 4 = 2x2), a tiny ``CLIPTextModel`` trained
+jointly with the UNet, the shapes ``CLIPTokenizer`` (``text.py``) and a ``DDPMScheduler``; saved with
+``StableDiffusionPipeline.save_pretrained`` (no safety checker / feature extractor), so the folder loads
+unchanged in diffusers and through ``featinv.priors.LatentPrior.from_pretrained``.
+
+Two such folders share one VAE: ``shapes-sd`` (single-object scenes; its empty prompt is the
+unconditional prior inversion uses) and ``shapes-multi-sd`` (DEPICT's multi-object scenes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+SD_NAMES = ("shapes-sd", "shapes-multi-sd")
+VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=16, sample_size=32)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=20, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64)
+UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 64, 64),
+                   down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                   cross_attention_dim=64, attention_head_dim=32, norm_num_groups=32)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def sd_dir(name: str = "shapes-sd", root: str | Path | None = None) -> Path:
+    if name not in SD_NAMES:
+        raise KeyError(f"unknown shapes SD model {name!r}; known: {SD_NAMES}")
+    return Path(root or WEIGHTS_DIR) / name
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_text_encoder(vocab_size: int, **over):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **{**TEXT_CONFIG, **over}))
+
+
+def build_unet(**over):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**UNET_CONFIG, **over})
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def half_copy(model):
+    """A float16 copy for storage: diffusers loads it back as float32 unless ``torch_dtype`` is given."""
+    import copy
+
+    return copy.deepcopy(model).to(torch.float16)
+
+
+def save_sd(folder: Path, *, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
+    """Write an SD-layout folder with ``StableDiffusionPipeline.save_pretrained`` (safetensors; UNet and
+    VAE weights stored as float16 to keep the repository small, the text encoder as float32)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=half_copy(vae), text_encoder=text_encoder, tokenizer=tokenizer, unet=half_copy(unet),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def load_pipeline(name_or_dir: str | Path = "shapes-sd", scheduler: str | None = None):
+    """``StableDiffusionPipeline`` of a shapes SD folder (CPU, fp32, progress bar off)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(name_or_dir) if Path(str(name_or_dir)).is_dir() else sd_dir(str(name_or_dir))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    if scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, L, D) text hidden states, as SD conditions on (padded to the tokenizer's max length)."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps: int = 25, batch: int = 64,
+             eta: float = 0.0, negative: str = "") -> torch.Tensor:
+    """Images (N, 3, 32, 32) in [0, 1] from captions with DDIM + classifier-free guidance; one
+    generator per image (``seeds``), so an image never depends on its batch companions' captions."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    unet, vae = pipe.unet, pipe.vae
+    scale = vae.config.scaling_factor
+    out = []
+    for i in range(0, len(captions), batch):
+        caps, sds = list(captions[i:i + batch]), list(seeds[i:i + batch])
+        cond = encode_captions(pipe.text_encoder, pipe.tokenizer, caps)
+        unc = encode_captions(pipe.text_encoder, pipe.tokenizer, [negative]).expand(len(caps), -1, -1)
+        z = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in sds])
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in sds]
+        for t in sched.timesteps:
+            tt = t.expand(len(z))
+            if cfg_scale == 1.0:
+                eps = unet(z, tt, encoder_hidden_states=cond).sample
+            else:
+                e_u, e_c = unet(torch.cat([z, z]), torch.cat([tt, tt]),
+                                encoder_hidden_states=torch.cat([unc, cond])).sample.chunk(2)
+                eps = e_u + cfg_scale * (e_c - e_u)
+            if eta > 0:
+                noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+                z = sched.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
+            else:
+                z = sched.step(eps, t, z, eta=0.0).prev_sample
+        out.append((vae.decode(z / scale).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
+def read_model_index(folder: Path) -> dict:
+    return json.loads((Path(folder) / "model_index.json").read_text())

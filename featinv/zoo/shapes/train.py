@@ -1,0 +1,205 @@
+"""Train every shapes-world model from scratch (``python -m featinv.zoo.train --what shapes``).
+
+Stages, in this order (judges first; the prior is the long pole): ``shapes-reader``, ``shapes-detector``,
+``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
+``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``,
+``shapes-probes``. ``--what shapes`` runs all; any comma list of stage names runs those. Each stage
+is seeded (``seed`` + a fixed per-stage offset), trains on train renders only, evaluates on test renders,
+saves safetensors under the output folder and records itself in ``meta.json``. ``--shapes-scale s``
+multiplies every step count and data size (a smoke test: ``--shapes-scale 0.02 --out /tmp/w``).
+The 1-minute load average at the start and end of each stage is recorded: on a shared machine the wall
+times include other users' load (``median_step_seconds`` is less sensitive to it).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featinv.zoo.shapes import world as W
+
+STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-multi-unet", "shapes-shape",
+          "shapes-color", "shapes-invariant", "shapes-clip", "shapes-targets", "shapes-probes")
+# Hyper-parameters of every stage (steps and n are multiplied by --shapes-scale).
+CONFIG = {
+    "shapes-reader": dict(seed_offset=1000, n=40000, steps=2500, batch=128, lr=2e-3, width=48),
+    "shapes-detector": dict(seed_offset=1100, n=30000, steps=1500, batch=128, lr=2e-3, width=32),
+    "shapes-vae": dict(seed_offset=0, n_single=30000, n_multi=10000, steps=1200, batch=64, lr=1e-3, kl_weight=1e-5),
+    "shapes-unet": dict(seed_offset=0, n=50000, steps=2000, batch=128, lr=1e-3, ema_decay=0.999),
+    "shapes-multi-unet": dict(seed_offset=1, n=30000, steps=800, batch=128, lr=1e-3, ema_decay=0.998),
+    "shapes-shape": dict(seed_offset=10, n=30000, steps=1000, batch=128, lr=2e-3),
+    "shapes-color": dict(seed_offset=11, n=30000, steps=400, batch=128, lr=2e-3),
+    "shapes-invariant": dict(seed_offset=12, n=30000, steps=1000, batch=128, lr=2e-3),
+    "shapes-clip": dict(seed_offset=20, n=30000, steps=1500, batch=128, lr=1e-3),
+    "shapes-targets": dict(seed_offset=30, n=20000, steps=500, batch=128, lr=3e-3, width=16),
+    "shapes-probes": dict(seed_offset=40, n_train=5000, n_val=2000, n_test=2000),
+}
+N_TEST = 4000  # test renders every classifier is evaluated on
+
+
+def _scaled(cfg: dict, scale: float) -> dict:
+    keys = ("n", "n_single", "n_multi", "steps", "n_train", "n_val", "n_test")
+    return {k: (max(8, int(v * scale)) if k in keys else v) for k, v in cfg.items()}
+
+
+def _save(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _n(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# -- readers ---------------------------------------------------------------------------------------
+def train_reader(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import fit, nets
+
+    torch.manual_seed(seed)
+    model = nets.ReaderNet({k: len(v) for k, v in W.FACTORS.items()}, width=c["width"])
+    x, rows = W.load_split("single", "train", c["n"])
+    info = fit.fit("shapes-reader", model, x, W.labels(rows), steps=c["steps"], batch=c["batch"], lr=c["lr"],
+                   seed=seed, aug=fit.add_noise)
+    xt, rt = W.load_split("single", "test", N_TEST)
+    _save(model, out / "shapes-reader.safetensors")
+    return dict(file="shapes-reader.safetensors", architecture="ReaderNet", width=c["width"], params=_n(model),
+                seed=seed, data=dict(mode="single", split="train", n=c["n"]), augmentation="gaussian noise U(0,0.04)",
+                test=dict(split="test", n=N_TEST), test_accuracy=fit.accuracies(model, xt, W.labels(rt)), **info)
+
+
+def train_detector(out: Path, seed: int, c: dict, log=print) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from featinv.zoo.shapes import fit, nets
+
+    torch.manual_seed(seed)
+    model = nets.ReaderNet({"presence": 6}, width=c["width"])
+    x, rows = W.load_split("multi", "train", c["n"])
+    info = fit.fit("shapes-detector", model, x, {"presence": W.labels(rows)["presence"].float()}, steps=c["steps"],
+                   batch=c["batch"], lr=c["lr"], seed=seed, aug=fit.add_noise)
+    xt, rt = W.load_split("multi", "test", N_TEST)
+    pt = W.labels(rt)["presence"]
+    logit = fit.predict(model, xt)["presence"]
+    acc = ((logit > 0) == pt).float().mean(0)
+    auc = [roc_auc_score(pt[:, k].numpy(), logit[:, k].numpy()) for k in range(6)]
+    _save(model, out / "shapes-detector.safetensors")
+    return dict(file="shapes-detector.safetensors", architecture="ReaderNet (6 sigmoid heads)", width=c["width"],
+                params=_n(model), seed=seed, data=dict(mode="multi", split="train", n=c["n"]),
+                augmentation="gaussian noise U(0,0.04)", test=dict(split="test", n=N_TEST),
+                test_accuracy={k: round(float(a), 6) for k, a in zip(W.CONCEPTS, acc)},
+                test_auroc={k: round(float(a), 6) for k, a in zip(W.CONCEPTS, auc)}, **info)
+
+
+# -- the prior ---------------------------------------------------------------------------------------
+def train_vae_stage(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import reader as R
+    from featinv.zoo.shapes import train_sd
+
+    vae, info = train_sd.train_vae(out, seed=seed, steps=c["steps"], batch=c["batch"], lr=c["lr"],
+                                   kl_weight=c["kl_weight"], n_single=c["n_single"], n_multi=c["n_multi"], log=log)
+    xt, rt = W.load_split("single", "test", 1024)
+    rec = train_sd.reconstruct(vae, xt)
+    info["test_reconstruction"] = dict(n=1024, split="test", mse=round(float((rec - xt).pow(2).mean()), 6),
+                                       reader_accuracy=R.factor_accuracy(R.load_reader(out), rec, rt))
+    xm, rm = W.load_split("multi", "test", 1024)
+    recm = train_sd.reconstruct(vae, xm)
+    info["test_reconstruction_multi"] = dict(n=1024, mse=round(float((recm - xm).pow(2).mean()), 6),
+                                             detector_accuracy=R.presence_accuracy(R.load_detector(out), recm, rm))
+    return dict(folders=[f"{n}/vae" for n in ("shapes-sd", "shapes-multi-sd")], **info)
+
+
+def train_unet_stage(name: str, mode: str):
+    def run(out: Path, seed: int, c: dict, log=print) -> dict:
+        from featinv.zoo.shapes import train_sd
+
+        folder, info = train_sd.train_unet(name, mode, out, seed=seed, steps=c["steps"], batch=c["batch"], lr=c["lr"],
+                                           n_train=c["n"], ema_decay=c["ema_decay"], log=log)
+        return dict(folder=folder.name, **info)
+    return run
+
+
+# -- encoders and target classifiers -----------------------------------------------------------------
+def train_encoder_stage(name: str):
+    def run(out: Path, seed: int, c: dict, log=print) -> dict:
+        from featinv.zoo.shapes import encoders as E
+
+        return E.train_encoder(name, out, seed=seed, n=c["n"], steps=c["steps"], batch=c["batch"], lr=c["lr"],
+                               n_test=N_TEST)
+    return run
+
+
+def train_clip_stage(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import clip
+
+    return clip.train_clip(out, seed=seed, n=c["n"], steps=c["steps"], batch=c["batch"], lr=c["lr"], n_test=N_TEST)
+
+
+def train_targets_stage(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import targets
+
+    return targets.train_targets(out, seed=seed, n=c["n"], steps=c["steps"], batch=c["batch"], lr=c["lr"],
+                                 width=c["width"], n_test=N_TEST)
+
+
+def probes_stage(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import probes
+
+    return probes.run_probes(out, seed=seed, n_train=c["n_train"], n_val=c["n_val"], n_test=c["n_test"])
+
+
+RUNNERS = {
+    "shapes-reader": train_reader, "shapes-detector": train_detector, "shapes-vae": train_vae_stage,
+    "shapes-unet": train_unet_stage("shapes-sd", "single"),
+    "shapes-multi-unet": train_unet_stage("shapes-multi-sd", "multi"),
+    "shapes-shape": train_encoder_stage("shapes-shape"), "shapes-color": train_encoder_stage("shapes-color"),
+    "shapes-invariant": train_encoder_stage("shapes-invariant"), "shapes-clip": train_clip_stage,
+    "shapes-targets": train_targets_stage, "shapes-probes": probes_stage,
+}
+META_NAME = {"shapes-unet": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd"}
+
+
+def expand(what: list[str]) -> list[str]:
+    """``shapes`` -> every stage; keeps STAGES order."""
+    sel = set(STAGES) if "shapes" in what else set(what)
+    bad = sel - set(STAGES)
+    if bad:
+        raise ValueError(f"unknown shapes stage(s) {sorted(bad)}; choose from 'shapes' or {', '.join(STAGES)}")
+    return [s for s in STAGES if s in sel]
+
+
+def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0) -> dict:
+    """Run the selected stages into ``out`` and record each in ``out / 'meta.json'``."""
+    from featinv.zoo.train import env_info, update_meta
+
+    results, t_all = {}, time.time()
+    for stage in expand(what):
+        c = _scaled(CONFIG[stage], scale)
+        s = seed + c.get("seed_offset", 0)
+        print(f"== {stage} (seed {s}) ==", flush=True)
+        t0, load0 = time.time(), os.getloadavg()[0]
+        entry = RUNNERS[stage](out, s, c)
+        entry = dict(entry, stage=stage, stage_wall_seconds=round(time.time() - t0, 1), shapes_scale=scale,
+                     hyperparameters=c, load_average_1min=dict(start=round(load0, 2), end=round(os.getloadavg()[0], 2)),
+                     **env_info())
+        name = META_NAME.get(stage, stage)
+        update_meta(out, name, _clean(entry))
+        results[stage] = entry
+        print(f"== {stage} done in {time.time() - t0:.0f}s ==", flush=True)
+    print(f"shapes: all selected stages done in {time.time() - t_all:.0f}s", flush=True)
+    return results
+
+
+def _clean(x):
+    """JSON-able copy (tuples -> lists, numpy scalars -> Python)."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

@@ -1,0 +1,222 @@
+"""Training of the shapes world's latent diffusion models: the shared VAE, then UNet + text encoder.
+
+VAE: ``AutoencoderKL`` on train renders of both modes (75 % single, 25 % multi), loss MSE + L1 on
+[-1, 1] pixels + ``kl_weight`` * KL; afterwards ``scaling_factor`` = 1 / std of the posterior means of
+2,048 random train images (SD's convention), and both SD folders get this ``vae/``.
+
+UNet + text encoder (one pair per SD folder): epsilon prediction on z = scaling_factor * (mu + sigma n)
+of the frozen VAE's posterior (precomputed for the train split), t ~ U{0..999}, Min-SNR-5 loss
+weighting (Hang et al. 2023), AdamW + warmup/cosine to 5 %, grad-norm clip 1, EMA of both networks
+(the EMA weights are saved). Captions: 10 % "" (the unconditional prior; CFG), single mode also 15 %
+partial captions (each captioned factor kept with p = 0.5; "a red shape at the top left").
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featinv.zoo.shapes import sd as S
+from featinv.zoo.shapes import text as T
+from featinv.zoo.shapes import world as W
+from featinv.zoo.shapes.fit import cosine_lr
+
+
+def _n(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
+# -- VAE -------------------------------------------------------------------------------------------
+def train_vae(out: Path, *, seed: int, steps: int, batch: int, lr: float, kl_weight: float,
+              n_single: int, n_multi: int, log=print) -> tuple[object, dict]:
+    torch.manual_seed(seed)
+    vae = S.build_vae()
+    xs, _ = W.load_split("single", "train", n_single)
+    xm, _ = W.load_split("multi", "train", n_multi)
+    x = torch.cat([xs, xm]) * 2 - 1
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(100, steps // 10)
+    perm, pos, run, times, t0 = torch.randperm(len(x), generator=gen), 0, None, [], time.time()
+    log(f"[shapes-vae] {_n(vae):,} params, {steps} steps, batch {batch}, lr {lr}, kl {kl_weight}")
+    for step in range(steps):
+        ts = time.time()
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(len(x), generator=gen), 0
+        xb = x[perm[pos:pos + batch]]
+        pos += batch
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+        vae.train()
+        post = vae.encode(xb).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, xb) + F.l1_loss(rec, xb) + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        times.append(time.time() - ts)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"[shapes-vae] step {step + 1}/{steps} loss {run:.4f} ({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+    wall = time.time() - t0
+    vae.eval()
+    with torch.no_grad():
+        sub = x[torch.randperm(len(x), generator=gen)[:2048]]
+        mu = torch.cat([vae.encode(sub[i:i + 512]).latent_dist.mean for i in range(0, len(sub), 512)])
+    scale = float(1.0 / mu.std())
+    vae.register_to_config(scaling_factor=scale)
+    for name in S.SD_NAMES:
+        S.half_copy(vae).save_pretrained(str(S.sd_dir(name, out) / "vae"), safe_serialization=True)
+    vae = type(vae).from_pretrained(str(S.sd_dir("shapes-sd", out) / "vae")).eval()  # evaluate what is stored
+    info = dict(architecture="diffusers AutoencoderKL", config=_jsonable(S.VAE_CONFIG), params=_n(vae), seed=seed,
+                steps=steps, batch_size=batch, lr=lr, kl_weight=kl_weight, loss="MSE + L1 on [-1, 1] + kl_weight * KL",
+                lr_schedule=f"linear warmup {warmup}, cosine to 5%", optimizer="AdamW (wd 0), grad-norm clip 1",
+                data=dict(single_train=n_single, multi_train=n_multi), scaling_factor=round(scale, 5),
+                wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 3),
+                final_loss=round(run, 5))
+    return vae, info
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """VAE reconstructions (posterior mean) of images in [0, 1]."""
+    outs = []
+    for i in range(0, len(x), batch):
+        z = vae.encode(x[i:i + batch] * 2 - 1).latent_dist.mean
+        outs.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(outs)
+
+
+# -- UNet + text encoder ---------------------------------------------------------------------------
+def _captions(rows: np.ndarray, gen: np.random.Generator, p_empty: float, p_partial: float) -> list[str]:
+    out = []
+    for r in rows:
+        u = gen.random()
+        if u < p_empty:
+            out.append("")
+        elif u < p_empty + p_partial and r.dtype == W.SINGLE_DTYPE:
+            keep = [f for f in W.FACTORS if gen.random() < 0.5]
+            out.append(W.caption(r, keep))
+        else:
+            out.append(W.caption(r))
+    return out
+
+
+def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch: int, lr: float, n_train: int,
+               ema_decay: float, p_empty: float = 0.1, p_partial: float = 0.15, snr_gamma: float = 5.0,
+               unet_over: dict | None = None, log=print) -> tuple[Path, dict]:
+    from diffusers import AutoencoderKL
+
+    folder = S.sd_dir(name, out)
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
+    tok = T.build_tokenizer()
+    sched = S.build_scheduler()
+    x, rows = W.load_split(mode, "train", n_train)
+    with torch.no_grad():
+        post = [vae.encode(x[i:i + 512] * 2 - 1).latent_dist for i in range(0, len(x), 512)]
+    mu, std = torch.cat([p.mean for p in post]), torch.cat([p.std for p in post])
+    del x, post
+    scale = vae.config.scaling_factor
+    torch.manual_seed(seed)
+    text, unet = S.build_text_encoder(len(tok)), S.build_unet(**(unet_over or {}))
+    ema_t, ema_u = (copy.deepcopy(m).eval().requires_grad_(False) for m in (text, unet))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen, cap_rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    warmup = min(200, steps // 10)
+    log(f"[{name}] UNet {_n(unet):,} + text {_n(text):,} params, {steps} steps, batch {batch}, lr {lr}")
+    perm, pos, run, times, t0 = torch.randperm(len(mu), generator=gen), 0, None, [], time.time()
+    for step in range(steps):
+        ts = time.time()
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(len(mu), generator=gen), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        z0 = scale * (mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen))
+        caps = _captions(rows[idx.numpy()], cap_rng, p_empty, p_partial)
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+        unet.train(), text.train()
+        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
+        w = snr[t].clamp(max=snr_gamma) / snr[t]  # Min-SNR-gamma weights for epsilon prediction
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_u, unet, decay)
+        _ema_update(ema_t, text, decay)
+        times.append(time.time() - ts)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"[{name}] step {step + 1}/{steps} loss {run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+    wall = time.time() - t0
+    S.save_sd(folder, unet=ema_u, vae=vae, text_encoder=ema_t, tokenizer=tok, scheduler=sched)
+    pipe = S.load_pipeline(folder)  # evaluate what is stored
+    test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
+    info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
+                unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
+                scheduler=dict(S.SCHEDULER_CONFIG), unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
+                seed=seed, steps=steps, batch_size=batch, lr=lr, lr_schedule=f"linear warmup {warmup}, cosine to 5%",
+                optimizer="AdamW (wd 0), grad-norm clip 1", ema_decay=ema_decay, weights="EMA (UNet and text encoder)",
+                loss=f"Min-SNR-{snr_gamma} weighted MSE(eps_pred, eps), t ~ U{{0..999}}",
+                captions=dict(p_empty=p_empty, p_partial=p_partial if mode == "single" else 0.0),
+                data=dict(mode=mode, split="train", n=n_train, epochs=round(steps * batch / n_train, 2)),
+                wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 3),
+                final_loss=round(run, 5), test_eps_mse_by_timestep=test_mse)
+    return folder, info
+
+
+@torch.no_grad()
+def eps_mse(unet, text, tok, vae, sched, mode: str, n: int = 512, timesteps=(50, 250, 500, 750, 950)) -> dict:
+    """Mean ||eps_pred - eps||^2 on test latents with their full captions at fixed timesteps."""
+    gen = torch.Generator().manual_seed(1234)
+    x, rows = W.load_split(mode, "test", n)
+    z0 = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    h = S.encode_captions(text, tok, W.captions(rows))
+    res = {}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen)
+        tt = torch.full((n,), t, dtype=torch.long)
+        res[str(t)] = round(float(F.mse_loss(unet(sched.add_noise(z0, noise, tt), tt, encoder_hidden_states=h).sample,
+                                             noise)), 5)
+    return res
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def unit_seconds(fn, n: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``n`` calls after one warm-up call (for quick timing)."""
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.time()
+        fn()
+        ts.append(time.time() - t)
+    return float(np.median(ts)) if ts else math.nan
