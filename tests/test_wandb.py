@@ -38,6 +38,13 @@ def test_resume_continues_the_wandb_run_and_summarises_every_record(tmp_path):
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, resumed
     summary = _summary(runs[-1])
     recs = R.read_dir(out)
+    log = [json.loads(x) for x in subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                                                  str(runs[-1])], capture_output=True, text=True, check=True
+                                                 ).stdout.splitlines()]
+    config = {k: v for rec in log if rec["type"] == "config" for k, v in rec["config"]["update"].items()}
+    assert len(config["git_commit"]) >= 7 and config["model"]["methods"][0]["steps"] == 3
+    live = [rec for rec in log if rec["type"] == "history" and "running/final_cos" in json.dumps(rec)]
+    assert len(live) == 1  # logged as the (one, batch_size 8) new batch finished, not only at the end
     assert summary["n/digits-test/unguided"] == 5 == len(recs)  # not only the 3 new records
     assert summary["final_cos/digits-test/unguided"] == pytest.approx(sum(r["final_cos"] for r in recs) / 5, abs=1e-6)
 
