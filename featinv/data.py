@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["TargetSource", "ImageTargets", "FeatureTargets", "TextTargets", "DigitsTargets", "TargetDataModule"]
+__all__ = ["TargetSource", "ImageTargets", "FeatureTargets", "TextTargets", "DigitsTargets", "ShapesTargets",
+           "TargetDataModule"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 _EMPTY = torch.empty(0)
@@ -188,14 +189,18 @@ def _read_features(path: Path, key: str, labels_key: str):
 
 
 class TextTargets(TargetSource):
-    """Text prompts whose target is the encoder's text embedding (CLIP; Shirahama et al. 2025 Fig. 8)."""
+    """Text prompts whose target is the encoder's text embedding (CLIP; Shirahama et al. 2025 Fig. 8).
+    ``repeats``: each prompt appears that many times in a row (index i is prompt i // repeats), so
+    that one run shows several inversions of each prompt (each index has its own noise)."""
 
-    def __init__(self, prompts: list[str] | str, name: str = "text"):
+    def __init__(self, prompts: list[str] | str, name: str = "text", repeats: int = 1):
         if isinstance(prompts, str):
             if not Path(prompts).is_file():
                 raise FileNotFoundError(f"prompt file {prompts!r} does not exist (give a list of prompts or a file)")
             prompts = [ln.strip() for ln in Path(prompts).read_text().splitlines() if ln.strip()]
-        self.name, self.prompts = name, list(prompts)
+        self.name = name
+        _check_int(repeats, "repeats", name)
+        self.prompts = [p for p in prompts for _ in range(repeats)]
         self._limit(len(self.prompts), None)
 
     def __len__(self):
@@ -223,6 +228,29 @@ class DigitsTargets(TargetSource):
 
     def __getitem__(self, i):
         return self.item(i, int(self.labels[i]), image=self.images[i])
+
+
+class ShapesTargets(TargetSource):
+    """Rendered scenes of the shapes world (``featinv.zoo.shapes``): the first ``limit`` scenes of a
+    fixed split (``train``/``val``/``test``, disjoint by seed) in ``single`` or ``multi`` mode; the
+    label is the shape index (single) or -1 (multi); ``text`` stays empty (image targets)."""
+
+    def __init__(self, split: str = "test", limit: int = 64, mode: str = "single", name: str | None = None):
+        from featinv.zoo.shapes import world
+
+        self.name = name or f"shapes-{mode}-{split}"
+        if split not in world.SPLITS or mode not in world.MODES:
+            raise ValueError(f"dataset {self.name!r}: split must be one of {world.SPLITS} and mode one of "
+                             f"{world.MODES}, got split={split!r}, mode={mode!r}")
+        _check_int(limit, "limit", self.name)
+        self.images, self.rows = world.load_split(mode, split, limit)
+        self.labels = torch.as_tensor(self.rows["shape"].astype("int64")) if mode == "single" else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.item(i, int(self.labels[i]) if self.labels is not None else -1, image=self.images[i])
 
 
 class TargetDataModule(L.LightningDataModule):

@@ -8,7 +8,8 @@
   label when there is no image), and ``conf``, its softmax confidence on the output;
 * a *reader* (an object with ``read(images) -> {factor: (pred, conf)}``, e.g. the shapes world's
   ``zoo:shapes-reader``) gives, per factor, ``<factor>`` = agreement of its reading of the output
-  with its reading of the target image, and ``<factor>_conf``.
+  with its reading of the target image, ``<factor>_value`` (the value it reads in the output, for
+  histograms over outputs) and ``<factor>_conf``.
 
 Every value is per sample, (B,) tensors; ``evaluate`` returns them under ``eval/<name>/<metric>``.
 """
@@ -65,6 +66,7 @@ class ReaderEvaluator(Evaluator):
         read = self.reader.read(images)
         ref = self.reader.read(target_images) if target_images is not None else None
         for factor, (pred, conf) in read.items():
+            out[f"{factor}_value"] = pred.float().cpu()
             out[f"{factor}_conf"] = conf.float().cpu()
             if ref is not None:
                 out[factor] = (pred == ref[factor][0]).float().cpu()

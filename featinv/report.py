@@ -65,7 +65,7 @@ def compare(records: list[dict]) -> tuple[list[str], list[dict]]:
             a = _stats([r.get(k) for r in rs])[0]
             row[k] = a
             c = chance.get((rs[0]["run"], d, k))
-            if a is not None and c is not None and c < 1 and not k.endswith(("_conf", "/cos", "/conf")):
+            if a is not None and c is not None and c < 1 and not k.endswith(("_conf", "_value", "/cos", "/conf")):
                 row[k.replace("eval/", "retention/")] = (a - c) / (1 - c)
         rows.append(row)
     cols = list(dict.fromkeys(k for row in rows for k in row))
