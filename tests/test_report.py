@@ -1,9 +1,7 @@
 """Evaluators in every run and `featinv report` over results directories (issue 16)."""
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
