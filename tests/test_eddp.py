@@ -242,5 +242,5 @@ def test_reduced_synthetic_run_recovers_the_direction_pairs():
     assert torch.allclose((pairs.W * pairs.S).sum(0), torch.ones(3), atol=1e-4)  # w_i^T s_i = 1
 
 
-REDUCED = dict(epochs_a=400, epochs_b=400, epochs_d=200, lr_a=1e-2, lr_b=1e-2, lr_d=1e-3, bound_mm=32.0,
-               log_every=50)
+REDUCED = dict(epochs_a=500, epochs_b=500, epochs_d=200, lr_a=1e-2, lr_b=3e-2, lr_d=1e-3, bound_mm=32.0,
+               restarts_a=2, log_every=50)

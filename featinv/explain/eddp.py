@@ -25,7 +25,9 @@ Choices where the paper (as we have it) is silent, all configurable in ``EDDPCon
 * after (d) every s_i is rescaled so that w_i^T s_i = 1 (L^cur and L^fso are blind to the scale of s_i);
 * the detectors of (a) start from random orthonormal directions with thresholds at the (1 - 1/I) quantile
   of their projections, so that each starts firing on about 1/I of the positions;
-* multipliers are updated once per epoch from the epoch's mean constraint values.
+* multipliers are updated once per epoch from the epoch's mean constraint values;
+* step (a) is non-convex (a clustering); ``restarts_a`` > 1 runs it from several random starts and keeps
+  the one with the lowest final loss (objective + augmented-Lagrangian penalty), as k-means' n_init does.
 """
 from __future__ import annotations
 
@@ -71,9 +73,15 @@ class EDDPConfig:
     bound_eac: float = 0.1
     bound_fso: float = 0.1
     al_mu: float = 1.0
+    restarts_a: int = 1  # step (a) from this many random starts; the lowest final loss is kept
     positive_threshold: float = 0.5
     f_plus_output: str = "logits"  # what f_plus returns: "logits" or "probs"
     log_every: int = 100  # epochs between history entries (the last epoch is always logged)
+
+    def summary(self) -> str:
+        """The schedule and the hyper-parameters that differ from the paper's synthetic setting."""
+        diff = {k: v for k, v in asdict(self).items() if v != getattr(EDDPConfig, k, v) and k != "log_every"}
+        return ", ".join(f"{k}={v}" for k, v in diff.items()) or "the paper's synthetic setting"
 
 
 @dataclass
@@ -121,6 +129,16 @@ class DirectionPairs:
         return cls(state["W"], state["b"], state["S"], state.get("history", {}))
 
 
+# The paper's synthetic schedule, and the faster one used by benchmarks/eddp.py (chosen on a validation world,
+# seed 100, not among the reported seeds; see benchmarks/results/eddp.md). "paper": full-batch steps, so
+# 20,000 epochs = 20,000 Adam steps per step of the method, ~6 min on one CPU core for the synthetic world.
+PRESETS = {
+    "paper": EDDPConfig(),
+    "fast": EDDPConfig(epochs_a=2000, epochs_b=2000, epochs_d=2000, lr_a=1e-2, lr_b=1e-2, lr_d=1e-3,
+                       bound_mm=32.0),
+}
+
+
 def _sym_orthonormal(V: Tensor) -> Tensor:
     """V (V^T V)^{-1/2}: the orthonormal matrix nearest to V (columns), differentiable."""
     evals, evecs = torch.linalg.eigh(V.T @ V)
@@ -137,12 +155,14 @@ def _batches(n: int, batch_size: Optional[int], gen: torch.Generator):
 
 
 def _run_stage(name: str, X: Tensor, params: list, step_fn, bounds: dict, epochs: int, lr: float,
-               cfg: EDDPConfig, gen: torch.Generator, history: dict, callback) -> None:
+               cfg: EDDPConfig, gen: torch.Generator, log: list, callback) -> float:
     """Adam on objective + augmented-Lagrangian penalty; ``step_fn(X_batch) -> (objective, constraints,
-    extra_logs)``; multipliers updated once per epoch from the epoch's mean constraint values."""
+    extra_logs)``; multipliers updated once per epoch from the epoch's mean constraint values. Appends
+    history entries to ``log``; returns the last epoch's mean loss (objective + penalty)."""
     al = AugmentedLagrangian(bounds, mu=cfg.al_mu)
     opt = torch.optim.Adam(params, lr=lr)
-    log = history.setdefault(name, [])
+    if epochs <= 0:
+        return float("nan")
     t0 = time.perf_counter()
     for epoch in range(epochs):
         sums, n_steps = {}, 0
@@ -153,7 +173,7 @@ def _run_stage(name: str, X: Tensor, params: list, step_fn, bounds: dict, epochs
             loss.backward()
             opt.step()
             n_steps += 1
-            for k, v in {"objective": objective, **cons, **extra}.items():
+            for k, v in {"loss": loss, "objective": objective, **cons, **extra}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         means = {k: v / n_steps for k, v in sums.items()}
         al.update(means)
@@ -163,6 +183,7 @@ def _run_stage(name: str, X: Tensor, params: list, step_fn, bounds: dict, epochs
             log.append(entry)
             if callback is not None:
                 callback(name, epoch, entry)
+    return means["loss"]
 
 
 def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
@@ -190,50 +211,62 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
         return L.uncertainty_loss(f_plus, x_prime, cfg.f_plus_output)
 
     # ---- step (a): orthonormal directions on standardised activations ----------------------------------
-    V = torch.randn(Dm, I, generator=gen)
-    with torch.no_grad():
-        proj = ((flat - mean) / std) @ _sym_orthonormal(V)
-        b0 = torch.quantile(proj[torch.randperm(len(proj), generator=gen)[:100000]], 1 - 1 / I, dim=0)
-    V.requires_grad_(True)
-    log_k = torch.zeros(I, requires_grad=True)
-    b_t = b0.clone().requires_grad_(True)
+    def stage_a(run: int):
+        V = torch.randn(Dm, I, generator=gen)
+        with torch.no_grad():
+            proj = ((flat - mean) / std) @ _sym_orthonormal(V)
+            b0 = torch.quantile(proj[torch.randperm(len(proj), generator=gen)[:100000]], 1 - 1 / I, dim=0)
+        V.requires_grad_(True)
+        log_k = torch.zeros(I, requires_grad=True)
+        b_t = b0.clone().requires_grad_(True)
 
-    def raw_params_a():
-        W_t = _sym_orthonormal(V) * log_k.exp()  # standardised-space filters
-        W = W_t / std[:, None]                    # w^T (x - m)/s - b_t  ==  (w/s)^T x - (b_t + (w/s)^T m)
-        return W_t, W, b_t + mean @ W
+        def raw_params():
+            W_t = _sym_orthonormal(V) * log_k.exp()  # standardised-space filters
+            W = W_t / std[:, None]                    # w^T (x - m)/s - b_t == (w/s)^T x - (b_t + (w/s)^T m)
+            return W_t, W, b_t + mean @ W
 
-    def step_a(Xb):
-        W_t, W, b = raw_params_a()
-        y = L.detector_outputs(Xb.reshape(-1, Dm), W, b)
-        obj = cfg.lambda_s * L.sparsity_loss(y)
-        extra = {}
-        if use_net:
-            uur = uncertainty(L.uncertainty_region_points(Xb, W, b))
-            obj = obj + cfg.lambda_uur * uur
-            extra["uur"] = uur.detach()
-        cons = {"ma": L.max_activation_loss(y), "mm": L.max_margin_loss(W_t),
-                "ic": L.inactive_classifier_loss(y, cfg.tau_a, cfg.gamma)}
-        return obj, cons, {"s": L.sparsity_loss(y).detach(), **extra}
+        def step_a(Xb):
+            W_t, W, b = raw_params()
+            y = L.detector_outputs(Xb.reshape(-1, Dm), W, b)
+            s = L.sparsity_loss(y)
+            obj, extra = cfg.lambda_s * s, {"s": s.detach()}
+            if use_net:
+                uur = uncertainty(L.uncertainty_region_points(Xb, W, b))
+                obj = obj + cfg.lambda_uur * uur
+                extra["uur"] = uur.detach()
+            cons = {"ma": L.max_activation_loss(y), "mm": L.max_margin_loss(W_t),
+                    "ic": L.inactive_classifier_loss(y, cfg.tau_a, cfg.gamma)}
+            return obj, cons, extra
+
+        log: list = []
+        final = _run_stage("a" if cfg.restarts_a == 1 else f"a{run}", X, [V, log_k, b_t], step_a,
+                           {"ma": cfg.bound_ma, "mm": cfg.bound_mm, "ic": cfg.bound_ic}, cfg.epochs_a, cfg.lr_a,
+                           cfg, gen, log, callback)
+        with torch.no_grad():
+            _, W0, b0 = raw_params()
+        return final, W0, b0, log
 
     t = time.perf_counter()
-    _run_stage("a", X, [V, log_k, b_t], step_a, {"ma": cfg.bound_ma, "mm": cfg.bound_mm, "ic": cfg.bound_ic},
-               cfg.epochs_a, cfg.lr_a, cfg, gen, history, callback)
+    runs = [stage_a(r) for r in range(cfg.restarts_a)]
+    best = min(range(len(runs)), key=lambda r: runs[r][0] if math.isfinite(runs[r][0]) else math.inf)
+    _, W0, b0, history["a"] = runs[best]
+    history["a_restarts"] = {"final_loss": [r[0] for r in runs], "chosen": best}
     history["seconds"]["a"] = time.perf_counter() - t
-    with torch.no_grad():
-        _, W0, b0 = raw_params_a()
-    # Steps (b), (d) act on the raw activations; the threshold is kept relative to the mean activation,
-    # b = c + W^T m, so that Adam's per-coordinate steps on W do not swing W^T x through the mean offset
-    # (the synthetic activations sit around +10; same function, better conditioned).
-    W = W0.clone().requires_grad_(True)
+    # Steps (b), (d) act on the raw activations. Parametrisation (same functions, better conditioned):
+    # w_i = exp(k_i) u_i / ||u_i|| (sharpness on a log scale) and b = c + W^T m with m the mean activation,
+    # so that Adam's per-coordinate steps on W neither crawl in sharpness nor swing W^T x through the mean
+    # offset (the synthetic activations sit around +10).
+    Wdir = W0.clone().requires_grad_(True)
+    log_k = W0.norm(dim=0).log().clone().requires_grad_(True)
     c = (b0 - mean @ W0).clone().requires_grad_(True)
 
-    def thresholds():
-        return c + mean @ W
+    def filters():
+        W = Wdir / Wdir.norm(dim=0) * log_k.exp()
+        return W, c + mean @ W
 
     # ---- step (b): free W, b on raw activations; + L^eac, L^sb (R_SW) ------------------------------------
     def common(Xb, tau, rho):
-        b = thresholds()
+        W, b = filters()
         y = L.detector_outputs(Xb.reshape(-1, Dm), W, b)
         sb = L.self_weighted_softmax(L.sparsity_bound_loss(y), cfg.nu_sw)
         s = L.sparsity_loss(y)
@@ -241,10 +274,10 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
         cons = {"ma": L.max_activation_loss(y), "mm": L.max_margin_loss(W),
                 "ic": L.inactive_classifier_loss(y, tau, cfg.gamma),
                 "eac": L.self_weighted_softmax(L.excessively_active_loss(y, rho, cfg.gamma), cfg.nu_sw)}
-        return obj, b, cons, {"s": s.detach(), "sb": sb.detach()}
+        return obj, W, b, cons, {"s": s.detach(), "sb": sb.detach()}
 
     def step_b(Xb):
-        obj, b, cons, extra = common(Xb, cfg.tau_b, cfg.rho_b)
+        obj, W, b, cons, extra = common(Xb, cfg.tau_b, cfg.rho_b)
         if use_net:
             uur = uncertainty(L.uncertainty_region_points(Xb, W, b))
             obj = obj + cfg.lambda_uur * uur
@@ -253,18 +286,20 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
 
     bounds_b = {"ma": cfg.bound_ma, "mm": cfg.bound_mm, "ic": cfg.bound_ic, "eac": cfg.bound_eac}
     t = time.perf_counter()
-    _run_stage("b", X, [W, c], step_b, bounds_b, cfg.epochs_b, cfg.lr_b, cfg, gen, history, callback)
+    _run_stage("b", X, [Wdir, log_k, c], step_b, bounds_b, cfg.epochs_b, cfg.lr_b, cfg, gen,
+               history.setdefault("b", []), callback)
     history["seconds"]["b"] = time.perf_counter() - t
 
     # ---- step (c): signal vectors on the positives -------------------------------------------------------
-    S0 = L.signal_vectors(flat, W.detach(), thresholds().detach(), cfg.positive_threshold)
+    with torch.no_grad():
+        S0 = L.signal_vectors(flat, *filters(), cfg.positive_threshold)
     history["S_init"] = S0.clone()
     # L^cur and L^fso do not depend on the length of s_i: optimise unit directions (lengths restored below).
     U = (S0 / S0.norm(dim=0).clamp_min(1e-12)).requires_grad_(True)
 
     # ---- step (d): W, b, S jointly; L^cur and L^fso -----------------------------------------------------
     def step_d(Xb):
-        obj, b, cons, extra = common(Xb, cfg.tau_d, cfg.rho_d)
+        obj, W, b, cons, extra = common(Xb, cfg.tau_d, cfg.rho_d)
         S = U / U.norm(dim=0)
         if use_net:
             cur = uncertainty(L.constrained_uncertainty_points(Xb, W, b, S))
@@ -274,12 +309,13 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
         return obj, cons, extra
 
     t = time.perf_counter()
-    _run_stage("d", X, [W, c, U], step_d, {**bounds_b, "fso": cfg.bound_fso}, cfg.epochs_d, cfg.lr_d, cfg,
-               gen, history, callback)
+    _run_stage("d", X, [Wdir, log_k, c, U], step_d, {**bounds_b, "fso": cfg.bound_fso}, cfg.epochs_d, cfg.lr_d, cfg,
+               gen, history.setdefault("d", []), callback)
     history["seconds"]["d"] = time.perf_counter() - t
 
     with torch.no_grad():
-        W_f, b_f, S_f = W.detach().clone(), thresholds().detach().clone(), U.detach().clone()
+        W_f, b_f = (t.detach().clone() for t in filters())
+        S_f = U.detach().clone()
         scale = (W_f * S_f).sum(0)  # w_i^T s_i
         S_f = S_f / torch.where(scale.abs() > 1e-8, scale, torch.ones_like(scale))
     if not all(math.isfinite(float(v)) for v in torch.cat([W_f.flatten(), b_f, S_f.flatten()])):
