@@ -48,7 +48,12 @@ METRICS = [("iou_mean", "IoU (mean)", "higher"), ("min_iou", "IoU (worst concept
 TARGETS = {"min_iou": (">=", 0.9), "rmse_mean": ("<=", 0.3), "min_cos": (">=", 0.95)}
 
 
-def make_data(seed: int, n_per_class: int = 1000):
+N_PER_CLASS = 1000
+SAE_EPOCHS = 2000
+
+
+def make_data(seed: int, n_per_class: int | None = None):
+    n_per_class = n_per_class or N_PER_CLASS
     world = syn.make_world(seed)
     g = torch.Generator().manual_seed(1000 + seed)
     train, test = syn.sample(world, n_per_class, g), syn.sample(world, n_per_class, g)
@@ -60,7 +65,7 @@ def fit_baselines(train, seed: int) -> list[tuple[B.Components, float]]:
     flat = train.X.reshape(-1, train.X.shape[-1])
     out = []
     for fn in (lambda: B.pca(flat, K_BASELINE, seed), lambda: B.fastica(flat, K_BASELINE, seed),
-               lambda: B.nmf(flat, K_BASELINE, seed), lambda: B.sparse_autoencoder(flat, K_BASELINE, seed),
+               lambda: B.nmf(flat, K_BASELINE, seed), lambda: B.sparse_autoencoder(flat, K_BASELINE, seed, epochs=SAE_EPOCHS),
                lambda: B.pattern_cav(flat, train.on.reshape(-1, train.on.shape[-1]), seed)):
         t = time.perf_counter()
         comp = fn()
@@ -79,7 +84,7 @@ def choose_quantiles(val_seed: int) -> dict[str, float]:
     chosen = {}
     for comp, _ in fit_baselines(train, val_seed):
         if comp.thresholds is None:
-            chosen[comp.name] = max(QUANTILES, key=lambda q: score(comp, world, train, test, q)["iou_mean"])
+            chosen[comp.name] = float(max(QUANTILES, key=lambda q: score(comp, world, train, test, q)["iou_mean"]))
     return chosen
 
 
@@ -97,7 +102,7 @@ def run_seed(seed: int, quantiles: dict, schedule: str, log) -> tuple[list[dict]
                      **{k: v for k, v in r.items() if not isinstance(v, list)},
                      **{f"{k}_{c}": v for k, vals in r.items() if isinstance(vals, list) for c, v in enumerate(vals)}})
         log(f"seed {seed} {comp.name:12s} " + " ".join(f"{k}={rows[-1][k]:.3f}" for k, _, _ in METRICS))
-    infl = rcav_influence(pairs, test.X, net, alpha=1.0, n_perm=200, seed=seed)
+    infl = {t: rcav_influence(pairs, test.X, net, alpha=1.0, n_perm=200, seed=seed, test=t) for t in ("rcav", "paired")}
     iou = dissection_iou(pairs.detect(test.X) > 0.5, test.on)
     extra = {"pairs": pairs, "world": world, "test": test, "iou": iou, "influence": infl, "net": report}
     return rows, extra
@@ -167,8 +172,8 @@ def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> 
          f"wall {wall / 60:.1f} min.", "",
          "## Synthetic world (the paper's experiment)", "",
          "D = 16, 3 concepts, 2 distractors, random unit directions; alpha ~ U(2.5, 5) on, U(0, 2.5) off; "
-         "beta ~ U(0, 5); +10; 2 positions per image; classes (0,1), (0,2), (1,2); 1000 train + 1000 test "
-         f"images per class; avg-pool + linear network (Adam 0.005, batch 1024): test accuracy "
+         "beta ~ U(0, 5); +10; 2 positions per image; classes (0,1), (0,2), (1,2); "
+         f"{N_PER_CLASS} train + {N_PER_CLASS} test images per class; avg-pool + linear network (Adam 0.005, batch 1024): test accuracy "
          f"{np.mean(acc):.3f} ± {np.std(acc):.3f}. Fitted on train activations, scored on test activations. "
          f"EDDP schedule `{args.schedule}`: {PRESETS[args.schedule].summary()}.", "",
          "| method | " + " | ".join(lbl for _, lbl, _ in METRICS) + " |",
@@ -185,8 +190,11 @@ def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> 
         for k, (op, v) in TARGETS.items() for name in [dict((m[0], m[1]) for m in METRICS)[k]]) + ".", ""]
     L += ["Baseline detection quantiles (chosen on the validation seed): "
           + ", ".join(f"{k} {v:.3f}" for k, v in quantiles.items()) + ".", ""]
-    L += ["EDDP influence (RCAV, alpha = 1, 200 permutations, Bonferroni over 3 directions x 3 classes): "
-          + "; ".join(f"seed {e['seed']}: SDC {e['influence'].sdc}, SCDP {e['influence'].scdp}" for e in extras) + ".", ""]
+    L += ["EDDP influence (featinv.explain.influence; alpha = 1 along the unit signal vector, 200 permutations, "
+          "p < 0.05 / 9, Bonferroni over 3 directions x 3 classes), SDC / SCDP per seed: RCAV null (random data "
+          "directions) " + ", ".join(f"{e['influence']['rcav'].sdc} / {e['influence']['rcav'].scdp}" for e in extras)
+          + "; paired null (does the direction change the prediction at all) "
+          + ", ".join(f"{e['influence']['paired'].sdc} / {e['influence']['paired'].scdp}" for e in extras) + ".", ""]
     L += ["Definitions: components are matched to concepts by the Hungarian algorithm on the test IoU (both "
           "signs for PCA / FastICA); IoU = dataset-level IoU of the detections with the positions where the "
           "concept is on; cos = cosine of the matched encoding direction with the true one; signal RMSE = "
@@ -209,9 +217,13 @@ def main():
     ap.add_argument("--paper-schedule-seeds", type=int, nargs="*", default=[],
                     help="also run EDDP with the paper's schedule (lr 5e-5, 20,000 epochs per step) on these seeds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-per-class", type=int, default=1000, help="train and test images per class (paper: 1000)")
+    ap.add_argument("--sae-epochs", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global N_PER_CLASS, SAE_EPOCHS
+    N_PER_CLASS, SAE_EPOCHS = args.n_per_class, args.sae_epochs
     command = "python benchmarks/eddp.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     t0 = time.perf_counter()
 

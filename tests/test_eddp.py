@@ -11,7 +11,7 @@ from featinv.explain.auglag import AugmentedLagrangian
 from featinv.explain.baselines import Components
 from featinv.explain.dissection import (count_above, dissection_iou, integrate, match, s1_score,
                                         s2_score)
-from featinv.explain.eddp import DirectionPairs, EDDPConfig, fit_eddp
+from featinv.explain.eddp import PRESETS, DirectionPairs, fit_eddp
 from featinv.explain.influence import rcav_influence
 from featinv.explain.recovery import score_against_truth
 
@@ -120,7 +120,7 @@ def test_augmented_lagrangian_solves_a_constrained_problem():
         for _ in range(50):
             loss = x ** 2 + al.penalty({"one_minus_x": 1 - x})
             opt.zero_grad(), loss.backward(), opt.step()
-        al.update({"one_minus_x": float(1 - x)})
+        al.update({"one_minus_x": float(1 - x.detach())})
     assert float(x) == pytest.approx(1.0, abs=1e-2)
     assert al.multipliers["one_minus_x"] == pytest.approx(2.0, abs=5e-2)
 
@@ -190,6 +190,9 @@ def test_rcav_flags_a_planted_influential_direction_and_not_a_null_one():
     assert not res.significant[1].any() and torch.allclose(res.effect[1], torch.zeros(3), atol=1e-6)
     assert res.p_values[1].min() == 1.0
     assert res.sdc == 1 and res.scdp >= 1
+    paired = rcav_influence(pairs, X, net, alpha=1.0, n_perm=150, seed=0, test="paired")
+    assert paired.significant[0].sum() >= 2 and not paired.significant[1].any()
+    assert torch.equal(paired.effect, res.effect)
 
 
 # -- synthetic world and scoring ----------------------------------------------------------------------
@@ -232,7 +235,7 @@ def test_reduced_synthetic_run_recovers_the_direction_pairs():
     train, test = syn.sample(w, 300, g), syn.sample(w, 300, g)
     net, report = syn.train_network(train, test, epochs=600)
     assert report["test_accuracy"] > 0.85
-    cfg = EDDPConfig(**REDUCED)
+    cfg = PRESETS["smoke"]
     pairs = fit_eddp(train.X, net, 3, cfg, seed=0)
     assert set(pairs.history) >= {"a", "b", "d"} and len(pairs.history["d"]) > 1
     comp = Components("eddp", pairs.S, pairs.W, lambda x: x @ pairs.W - pairs.b, thresholds=torch.zeros(3))
@@ -241,6 +244,3 @@ def test_reduced_synthetic_run_recovers_the_direction_pairs():
     assert min(r["iou"]) >= 0.8, r
     assert torch.allclose((pairs.W * pairs.S).sum(0), torch.ones(3), atol=1e-4)  # w_i^T s_i = 1
 
-
-REDUCED = dict(epochs_a=500, epochs_b=500, epochs_d=200, lr_a=1e-2, lr_b=3e-2, lr_d=1e-3, bound_mm=32.0,
-               restarts_a=2, log_every=50)
