@@ -19,8 +19,14 @@ The uncertainty-region losses need ``f_plus``, the rest of the network from the 
 activations (N, P, D); without it they are left out. Loss definitions: ``featinv.explain.losses``.
 
 Choices where the paper (as we have it) is silent, all configurable in ``EDDPConfig``:
+* "standardisation" in (a) = z-scoring every channel over all positions; "orthogonality" = orthonormal
+  filter directions (symmetric orthonormalisation of a free matrix) times a learned per-detector scale;
 * step (b) is also solved with the augmented Lagrangian (objective lambda_s L^s + lambda_sb L^sb
   + lambda_uur L^uur; constraints L^ma, L^mm, L^ic, R_SW(L^eac));
+* the paper's "20,000 epochs" is taken per optimised step ((a), (b) and (d));
+* steps (b), (d) parametrise w_i = exp(k_i) u_i / ||u_i|| and b = c + W^T mean(x), and (d) optimises unit
+  directions for s_i: the same functions as free W, b, S, but Adam's per-coordinate steps then change
+  sharpness on a log scale and do not swing W^T x through a large mean activation;
 * L^mm is measured on the parameters of the current step (standardised space in (a), raw space after);
 * after (d) every s_i is rescaled so that w_i^T s_i = 1 (L^cur and L^fso are blind to the scale of s_i);
 * the detectors of (a) start from random orthonormal directions with thresholds at the (1 - 1/I) quantile
