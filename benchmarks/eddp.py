@@ -173,6 +173,12 @@ def figure(rows, extra0, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def best_of(rows, key: str, direction: str, methods) -> str:
+    means = {m: summarise(rows, m, key)[0] for m in methods}
+    m = (max if direction == "higher" else min)(means, key=means.get)
+    return f"{m} {means[m]:.3f}"
+
+
 def fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 100 else f"{mean:.1f} ± {std:.1f}"
 
@@ -199,6 +205,9 @@ def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> 
     for r in paper_rows:
         L.append(f"| EDDP, paper schedule (seed {r['seed']}) | "
                  + " | ".join(f"{r[k]:.3f}" if abs(r[k]) < 100 else f"{r[k]:.1f}" for k, _, _ in METRICS) + " |")
+    L += ["", "Best mean per column (all methods / unsupervised only; Pattern-CAV is supervised): " + "; ".join(
+        f"{lbl}: {best_of(rows, k, d, METHODS)} / {best_of(rows, k, d, [m for m in METHODS if m != 'Pattern-CAV'])}"
+        for k, lbl, d in METRICS[:-1]) + "."]
     L += ["", "Targets (issue 15), EDDP per seed: " + "; ".join(
         f"{name} {op} {v}: " + ", ".join(
             ("met" if (r[k] >= v if op == ">=" else r[k] <= v) else f"MISSED ({r[k]:.3f})")
