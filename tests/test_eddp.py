@@ -210,6 +210,9 @@ def test_synthetic_world_matches_the_paper_setting():
         assert present == set(syn.CLASSES[int(s.labels[n])])
     assert (s.alpha[s.on] >= 2.5).all() and (s.alpha[~s.on] < 2.5).all() and (s.beta <= 5).all()
     assert torch.allclose(s.X, s.alpha @ w.S.T + s.beta @ w.Dist.T + 10.0)
+    z = syn.sample(w, 50, torch.Generator().manual_seed(0), absent="zero")
+    absent = ~z.on.any(1, keepdim=True).expand_as(z.on)
+    assert (z.alpha[absent] == 0).all() and (z.alpha[~absent & ~z.on] > 0).all() and torch.equal(z.on, s.on)
 
 
 def test_scoring_gives_the_ground_truth_directions_perfect_marks():
