@@ -11,7 +11,7 @@ from featinv.explain.auglag import AugmentedLagrangian
 from featinv.explain.baselines import Components
 from featinv.explain.dissection import (count_above, dissection_iou, integrate, match, s1_score,
                                         s2_score)
-from featinv.explain.eddp import PRESETS, DirectionPairs, fit_eddp
+from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp
 from featinv.explain.influence import rcav_influence
 from featinv.explain.recovery import score_against_truth
 
@@ -247,3 +247,16 @@ def test_reduced_synthetic_run_recovers_the_direction_pairs():
     assert min(r["iou"]) >= 0.8, r
     assert torch.allclose((pairs.W * pairs.S).sum(0), torch.ones(3), atol=1e-4)  # w_i^T s_i = 1
 
+
+
+def test_fit_eddp_without_network_and_bad_inputs():
+    X = syn.sample(syn.make_world(0), 20, torch.Generator().manual_seed(0)).X
+    cfg = EDDPConfig(epochs_a=3, epochs_b=3, epochs_d=3, lr_a=1e-2, lr_b=1e-2, lr_d=1e-3, log_every=1, restarts_a=2)
+    pairs = fit_eddp(X, None, 3, cfg, seed=0)
+    assert pairs.W.shape == pairs.S.shape == (16, 3) and pairs.b.shape == (3,)
+    assert "uur" not in pairs.history["b"][-1] and "cur" not in pairs.history["d"][-1]
+    assert len(pairs.history["a_restarts"]["final_loss"]) == 2
+    with pytest.raises(ValueError):
+        fit_eddp(X.reshape(-1, 16), None, 3, cfg)
+    with pytest.raises(ValueError):
+        fit_eddp(X, None, 17, cfg)

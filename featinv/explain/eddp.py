@@ -203,7 +203,8 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
     """Learn ``n_directions`` encoding-decoding direction pairs from activations X (N, P, D).
 
     ``f_plus`` maps (N, P, D) activations to (N, classes) logits (or probabilities, see
-    ``config.f_plus_output``); it is used only by the uncertainty-region losses and may be None.
+    ``config.f_plus_output``); it is used only by the uncertainty-region losses and may be None. Its own
+    parameters are never updated (freeze them, ``requires_grad_(False)``, to spare their gradients).
     ``callback(stage, epoch, log_entry)`` is called at every history entry. Returns ``DirectionPairs``
     whose ``history`` holds, per stage, the logged losses, constraint values and multipliers."""
     cfg = config or EDDPConfig()
@@ -213,6 +214,8 @@ def fit_eddp(X: Tensor, f_plus: Optional[FPlus] = None, n_directions: int = 3,
     X = X.detach().float()
     N, P, Dm = X.shape
     I = n_directions
+    if not 1 <= I <= Dm:
+        raise ValueError(f"n_directions must be in [1, D={Dm}] (step (a) uses orthonormal directions), got {I}")
     flat = X.reshape(-1, Dm)
     mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
     history: dict = {"config": asdict(cfg), "seconds": {}}
