@@ -1,0 +1,16 @@
+"""Explaining a network with directions in a layer: EDDP (seed 001, arXiv 2509.23926) and its evaluation.
+
+* ``eddp``: ``fit_eddp`` -> ``DirectionPairs`` (decoding directions W, thresholds b, signal vectors S);
+* ``losses`` / ``auglag``: the paper's losses and the augmented-Lagrangian helper;
+* ``influence``: RCAV-style influence of directions on classes (permutation test, SDC / SCDP);
+* ``dissection``: IoU of detector maps with concept masks, S^1 / S^2;
+* ``synthetic`` / ``recovery`` / ``baselines``: the paper's synthetic world, scoring against its ground truth,
+  and PCA / NMF / FastICA / sparse-autoencoder / Pattern-CAV baselines.
+Plain PyTorch (no Lightning / W&B).
+"""
+from featinv.explain.dissection import dissection_iou, s1_score, s2_score
+from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp
+from featinv.explain.influence import Influence, rcav_influence
+
+__all__ = ["fit_eddp", "EDDPConfig", "DirectionPairs", "PRESETS", "rcav_influence", "Influence",
+           "dissection_iou", "s1_score", "s2_score"]
