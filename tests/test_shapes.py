@@ -147,3 +147,151 @@ def test_every_grammar_word_is_one_token(tmp_path):
     assert len(ids) == len(cap.split()) + 2 and tok.decode(ids, skip_special_tokens=True) == cap
     assert tok.model_max_length == T.MAX_LENGTH >= max(len(tok(c).input_ids) for c in T.caption_corpus())
     assert len(tok("a zebra", add_special_tokens=False).input_ids) > 2  # unknown words: byte-level pieces
+
+
+# -- the SD folders -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["shapes-sd", "shapes-multi-sd"])
+def test_sd_folder_loads_through_featinv_latent_and_zoo(name):
+    import featinv
+    from featinv.priors import LatentPrior
+    from featinv.zoo.shapes import shapes_sd_dir
+
+    folder = shapes_sd_dir(name)
+    index = json.loads((folder / "model_index.json").read_text())
+    for part, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL"), ("text_encoder", "CLIPTextModel"),
+                      ("tokenizer", "CLIPTokenizer"), ("scheduler", "DDPMScheduler")):
+        assert index[part][1] == cls and (folder / part).is_dir()
+    prior = LatentPrior.from_pretrained(folder, local_files_only=True)
+    assert prior.latent_shape == (4, 8, 8) and prior.num_train_timesteps == 1000
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = prior.eps(z, 500)
+        img = prior.decode(z * 0.1)
+    assert eps.shape == z.shape and torch.isfinite(eps).all() and img.shape == (2, 3, 32, 32)
+    spec = featinv.build_prior(f"latent:{folder}")
+    assert spec.latent_shape == (4, 8, 8) and spec.cfg_scale == 1.0
+    with torch.no_grad():  # the zoo spec is the same model: same eps
+        assert torch.allclose(featinv.build_prior(f"zoo:{name}").eps(z, 500), eps, atol=1e-5)
+    # cross-attention down to 2x2 (LEDITS++ aggregates attention at latent_res / 4)
+    unet = prior.unet
+    assert all(hasattr(b, "attentions") for b in unet.down_blocks) and len(unet.down_blocks) == 3
+
+
+def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import text as T
+
+    pipe = S.load_pipeline("shapes-sd")
+    assert T.split_words(pipe.tokenizer) == {}
+    assert pipe.tokenizer.get_vocab() == T.build_tokenizer().get_vocab()
+    assert pipe.unet.dtype == torch.float32  # stored as float16, loaded as float32
+    g = torch.Generator().manual_seed(0)
+    out = pipe(["a large red circle in the center on a white background", ""], height=32, width=32,
+               num_inference_steps=2, guidance_scale=3.0, generator=g, output_type="pt").images
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_ledits_pp_inverts_and_edits_at_32px():
+    from diffusers import LEditsPPPipelineStableDiffusion
+
+    from featinv.zoo.shapes import shapes_sd_dir
+
+    pipe = LEditsPPPipelineStableDiffusion.from_pretrained(str(shapes_sd_dir()), safety_checker=None,
+                                                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    x, rows = W.load_split("single", "test", 1)
+    pipe.invert(image=x * 2 - 1, source_prompt=W.caption(rows[0]), num_inversion_steps=10, skip=0.1,
+                generator=torch.Generator().manual_seed(0), height=32, width=32)
+    out = pipe(editing_prompt=["red"], edit_guidance_scale=5.0, edit_threshold=0.75, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+# -- readers, encoders, probes ------------------------------------------------------------------------
+def test_reader_and_detector_accuracy_match_meta():
+    from featinv.zoo.shapes import reader as R
+
+    x, rows = W.load_split("single", "test", 256)
+    acc = R.factor_accuracy(R.load_reader(), x, rows)
+    for f in W.FACTORS:
+        assert acc[f] >= 0.98 and abs(acc[f] - META["shapes-reader"]["test_accuracy"][f]) <= 0.02, (f, acc)
+    xm, rm = W.load_split("multi", "test", 256)
+    pacc = R.presence_accuracy(R.load_detector(), xm, rm)
+    for c in W.CONCEPTS:
+        assert abs(pacc[c] - META["shapes-detector"]["test_accuracy"][c]) <= 0.02, (c, pacc)
+    values, conf = R.read_factors(x[:8])
+    assert set(values) == set(W.FACTORS) and ((conf[f] > 0) & (conf[f] <= 1)).all()
+
+
+def test_every_shapes_encoder_builds_with_default_and_spatial_layers():
+    import featinv
+    from featinv.zoo.shapes import names
+
+    x = W.load_split("single", "test", 4)[0]
+    for name in names()["encoders"]:
+        enc = featinv.build_encoder(f"zoo:{name}")
+        with torch.no_grad():
+            f = enc(x)
+        assert f.ndim == 2 and f.shape[0] == 4 and torch.isfinite(f).all(), name
+    conv = featinv.build_encoder("zoo:shapes-shape@conv3")
+    assert conv(x).shape == (4, 64 * 8 * 8)
+    clip = featinv.build_encoder("zoo:shapes-clip")
+    assert clip.encode_text("a red circle").shape == (1, clip.dim)
+    assert featinv.build_encoder("zoo:shapes-clip@conv1")(x).shape == (4, 64 * 8 * 8)
+
+
+def test_clip_text_targets_pick_the_right_colour():
+    import featinv
+
+    clip = featinv.build_encoder("zoo:shapes-clip?normalize=true")
+    x, rows = W.load_split("single", "test", 256)
+    prompts = [f"a {c} shape" for c in W.COLORS]
+    with torch.no_grad():
+        pred = (clip(x) @ clip.encode_text(prompts).T).argmax(1)
+    acc = float((pred == W.labels(rows)["color"]).float().mean())
+    assert acc >= META["shapes-clip"]["test_zero_shot_accuracy"]["color"] - 0.05 and acc > 0.5
+
+
+def test_probe_accuracies_match_meta():
+    from featinv.zoo.shapes import load_encoder
+    from featinv.zoo.shapes.probes import features, probe
+
+    xtr, rtr = W.load_split("single", "train", 1500)
+    xva, rva = W.load_split("single", "val", 256)
+    xte, rte = W.load_split("single", "test", 256)
+    lab = {s: {k: v.numpy() for k, v in W.labels(r).items()} for s, r in (("tr", rtr), ("va", rva), ("te", rte))}
+    for name in ("shapes-shape", "shapes-invariant"):
+        enc = load_encoder(name)
+        ftr, fva, fte = features(enc, xtr), features(enc, xva), features(enc, xte)
+        for f in ("shape", "color", "position"):
+            got = probe(ftr, lab["tr"][f], fva, lab["va"][f], fte, lab["te"][f])["test_accuracy"]
+            want = META["shapes-probes"]["probes"][name][f]["test_accuracy"]
+            assert abs(got - want) <= 0.1, (name, f, got, want)
+
+
+def test_target_classifiers_match_meta_and_biased_ones_show_their_bias():
+    from featinv.zoo.shapes import load_target_classifier, targets
+
+    for name in ("primary-red-circle", "mixed-0", "biased-shape-bg", "unbiased-shape"):
+        model, m = load_target_classifier(name), targets.mode(name)
+        x, rows = W.load_split(m, "test", 256)
+        entry = META["shapes-targets"]["models"][name]
+        y = targets.label_fn(name, entry.get("truth", {}).get("threshold"))(rows)
+        with torch.no_grad():
+            acc = float((model(x).argmax(1) == y).float().mean())
+        assert abs(acc - entry["test_accuracy"]) <= 0.05, (name, acc, entry["test_accuracy"])
+    b = META["shapes-targets"]["models"]["biased-shape-bg"]
+    assert b["test_accuracy_bias_aligned"] > b["test_accuracy_bias_conflicting"]
+
+
+# -- guidance on the shapes prior ----------------------------------------------------------------------
+def test_guided_inversion_on_the_shapes_prior_lowers_the_feature_distance():
+    import featinv
+
+    x = W.load_split("single", "test", 2)[0]
+    kw = dict(prior="zoo:shapes-sd", encoder="zoo:shapes-invariant", seed=0)
+    guided = featinv.invert(x, method="fast", steps=6, recurrence=1, early_steps=0, **kw)
+    unguided = featinv.invert(x, method="unguided", steps=6, **kw)
+    assert torch.isfinite(guided.images).all() and guided.images.shape == (2, 3, 32, 32)
+    assert guided.final_l2.mean() < 0.7 * unguided.final_l2.mean(), (guided.final_l2, unguided.final_l2)

@@ -273,6 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--prior-warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--shapes-scale", type=float, default=1.0, help="shapes world: multiply steps and data sizes")
+    p.add_argument("--shapes-vae-start-phase", type=int, default=1, help="shapes world: resume the VAE at this phase")
     args = p.parse_args(argv)
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
     args.shapes = [w for w in args.what if w == "shapes" or w.startswith("shapes-")]
@@ -301,7 +302,8 @@ def main(argv=None) -> dict:
     if args.shapes:
         from featinv.zoo.shapes import train as shapes_train
 
-        results["shapes"] = shapes_train.run(args.shapes, args.out, seed=args.seed, scale=args.shapes_scale)
+        results["shapes"] = shapes_train.run(args.shapes, args.out, seed=args.seed, scale=args.shapes_scale,
+                                             vae_start_phase=args.shapes_vae_start_phase)
     print(f"all done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return results
 

@@ -89,7 +89,7 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
     lab = torch.stack(list(W.labels(rows).values()), 1)  # (N, 5)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    warmup, t0, times, run = min(100, steps // 10), time.time(), [], None
+    warmup, t0, c0, times, run = min(100, steps // 10), time.time(), time.process_time(), [], None
     perm, pos = torch.randperm(n, generator=gen), 0
     for step in range(steps):
         ts = time.time()
@@ -115,7 +115,7 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 200 == 0 or step == steps - 1:
             print(f"[shapes-clip] step {step + 1}/{steps} loss {run:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     model.eval()
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
               str(folder / "open_clip_model.safetensors"))
@@ -127,7 +127,7 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
                 lr=lr, optimizer="AdamW (wd 0.1)", lr_schedule=f"linear warmup {warmup}, cosine to 0",
                 loss="symmetric multi-positive InfoNCE (positives: captions consistent with the image's factors)",
                 wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 4),
-                final_loss=round(run, 5), default_layer="embedding (64-d image embedding)",
+                cpu_seconds_per_step=round(cpu / steps, 4), final_loss=round(run, 5), default_layer="embedding (64-d image embedding)",
                 spatial_layers=["conv1 (patch embedding, 64 x 8 x 8)"],
                 test_zero_shot_accuracy=zero_shot(model, tok, n_test))
 

@@ -3,8 +3,8 @@
 All are ``nets.ShapesCNN`` with circular padding and global average pooling (translation-invariant by
 construction), trained on single-object renders whose factors are independent of each other:
 
-* ``shapes-shape``: shape classifier, trained with hue (RGB permutation) and translation augmentation:
-  designed to keep shape and drop colour and position.
+* ``shapes-shape``: shape classifier, trained with hue (RGB permutation) and translation augmentation
+  and a two-view consistency loss on its feature: designed to keep shape and drop colour and position.
 * ``shapes-color``: colour classifier with translation augmentation: keeps colour, drops position.
 * ``shapes-invariant``: one shared feature, heads for shape, colour, size and background, translation
   augmentation: keeps those four factors and drops position.
@@ -25,9 +25,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_LAYER = "penultimate"
 SPATIAL_LAYERS = ("conv1", "conv2", "conv3")
 DESIGNS = {
-    "shapes-shape": dict(heads=["shape"], aug=("hue", "shift", "noise"),
-                         design="keeps shape; drops colour (hue augmentation) and position (circular padding, "
-                                "global pooling, translation augmentation)"),
+    "shapes-shape": dict(heads=["shape"], aug=("hue", "shift", "noise"), consistency=1.0,
+                         design="keeps shape; drops colour (hue augmentation + two-view feature consistency) and "
+                                "position (circular padding, global pooling, translation augmentation)"),
     "shapes-color": dict(heads=["color"], aug=("shift", "noise"),
                          design="keeps colour; drops position (circular padding, global pooling, translation)"),
     "shapes-invariant": dict(heads=["shape", "color", "size", "background"], aug=("shift", "noise"),
@@ -62,13 +62,15 @@ def train_encoder(name: str, out: Path, *, seed: int, n: int, steps: int, batch:
     x, rows = W.load_split("single", "train", n)
     lab = W.labels(rows)
     y = {h: lab[h] for h in model.heads}
-    info = fit.fit(name, model, x, y, steps=steps, batch=batch, lr=lr, seed=seed, aug=_aug(DESIGNS[name]["aug"]))
+    info = fit.fit(name, model, x, y, steps=steps, batch=batch, lr=lr, seed=seed, aug=_aug(DESIGNS[name]["aug"]),
+                   consistency=DESIGNS[name].get("consistency", 0.0))
     xt, rt = W.load_split("single", "test", n_test)
     lt = W.labels(rt)
     acc = fit.accuracies(model, xt, {h: lt[h] for h in model.heads})
     _save(model, out / f"{name}.safetensors")
-    return dict(file=f"{name}.safetensors", architecture="ShapesCNN(width=32, feature_dim=64, global_pool, circular)",
+    return dict(file=f"{name}.safetensors", architecture="ShapesCNN(width=32, feature_dim=64, global avg+max pool, circular padding)",
                 heads=model.heads, design=DESIGNS[name]["design"], augmentation=list(DESIGNS[name]["aug"]),
+                feature_consistency_weight=DESIGNS[name].get("consistency", 0.0),
                 default_layer=DEFAULT_LAYER, spatial_layers=list(SPATIAL_LAYERS), params=sum(p.numel() for p in model.parameters()),
                 seed=seed, data=dict(mode="single", split="train", n=n), test=dict(split="test", n=n_test),
                 test_accuracy=acc, **info)

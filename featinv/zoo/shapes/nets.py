@@ -6,7 +6,7 @@ Two deliberately different families, so that no analysed model is its own judge:
   (position-aware), one linear head per factor.
 * ``ShapesCNN`` (encoders, target classifiers): 3x3 convs, BatchNorm, ReLU, max-pooling; named
   layers ``conv1`` (one conv, w x 32x32), ``conv2`` (two convs, 2w x 16x16), ``conv3`` (2w x 8x8: the spatial map EDDP
-  reads), ``pool`` (global average -> 2w, position-invariant; or a flattened 4x4 map), ``penultimate``
+  reads), ``pool`` (global average and max -> 4w, position-invariant; or a flattened 4x4 map), ``penultimate``
   (linear -> ``feature_dim``, ReLU: the default feature) and ``head`` (logits of all heads concatenated).
   ``circular=True`` pads convolutions circularly: with global pooling the model is then translation-
   invariant by construction (up to max-pool phase), the design of the position-dropping encoders.
@@ -49,6 +49,14 @@ class ReaderNet(nn.Module):
         return split_logits(self(x), self.heads)
 
 
+class GlobalAvgMaxPool(nn.Module):
+    """(B, C, H, W) -> (B, 2C): global average and global max per channel (translation-invariant; the
+    max keeps a small object's evidence from being diluted by the background)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+
+
 class ShapesCNN(nn.Module):
     """conv1 (32x32) - conv2 (16x16) - conv3 (8x8) - pool - penultimate - head (see module doc)."""
 
@@ -67,13 +75,16 @@ class ShapesCNN(nn.Module):
         self.conv1 = nn.Sequential(*conv(3, w))
         self.conv2 = nn.Sequential(nn.MaxPool2d(2), pair(w, 2 * w))
         self.conv3 = nn.Sequential(nn.MaxPool2d(2), pair(2 * w, 2 * w))
-        self.pool = (nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if global_pool
-                     else nn.Sequential(nn.MaxPool2d(2), nn.Flatten()))
-        self.penultimate = nn.Sequential(nn.Linear(2 * w * (1 if global_pool else 16), feature_dim), nn.ReLU())
+        self.pool = GlobalAvgMaxPool() if global_pool else nn.Sequential(nn.MaxPool2d(2), nn.Flatten())
+        self.penultimate = nn.Sequential(nn.Linear(2 * w * (2 if global_pool else 16), feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, sum(self.heads.values()))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``penultimate`` feature (B, feature_dim)."""
+        return self.penultimate(self.pool(self.conv3(self.conv2(self.conv1(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.penultimate(self.pool(self.conv3(self.conv2(self.conv1(x))))))
+        return self.head(self.embed(x))
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return split_logits(self(x), self.heads)
