@@ -39,8 +39,12 @@ def test_load_digits_returns_clones_and_validates_split():
     x, _ = D.load_digits("test")
     x.zero_()
     assert D.load_digits("test")[0].max() > 0
-    with pytest.raises(ValueError):
-        D.load_digits("val")
+    with pytest.raises(ValueError, match="split"):
+        D.load_digits("nope")
+    # val: 256 digits of train (hyper-parameters are chosen there), never a test digit
+    val, train, test = (D.load_digits(s)[0].flatten(1) for s in ("val", "train", "test"))
+    assert len(val) == 256 and (torch.cdist(val, train).min(1).values == 0).all()
+    assert not (torch.cdist(val, test) == 0).all(1).any()
 
 
 # -- classifiers -----------------------------------------------------------------------------------
@@ -105,8 +109,11 @@ def test_prior_loads_and_predicts_noise():
 
 
 def test_weights_are_small():
+    """The digits world stays under 8 MB; every committed weight (digits + shapes) under 30 MB."""
     files = [p for p in D.WEIGHTS_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 8e6
+    digits = [p for p in files if p.name.startswith("digits") or "digits-" in str(p.relative_to(D.WEIGHTS_DIR))]
+    assert sum(p.stat().st_size for p in digits) < 8e6
+    assert sum(p.stat().st_size for p in files) < 30e6
 
 
 def test_a_few_guided_steps_on_the_real_prior_lower_the_distance():

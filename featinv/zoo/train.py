@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featinv.zoo import digits as D
+from featinv.zoo.provenance import command_line, env_info, update_meta  # noqa: F401 (re-exported)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -76,26 +73,6 @@ def split_info() -> dict:
                 split="sklearn.model_selection.train_test_split(test_size=0.2, random_state=0, stratify=y)",
                 random_state=D.SPLIT_RANDOM_STATE, test_size=D.SPLIT_TEST_SIZE,
                 n_train=len(xtr), n_test=len(xte), trained_on="train", evaluated_on="test")
-
-
-def env_info() -> dict:
-    import diffusers
-    import timm
-
-    return dict(torch=torch.__version__, diffusers=diffusers.__version__, timm=timm.__version__,
-                python=platform.python_version(), machine=f"{platform.machine()} CPU, torch threads="
-                f"{torch.get_num_threads()}", command=command_line())
-
-
-def command_line() -> str:
-    return "python -m featinv.zoo.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def update_meta(out: Path, name: str, entry: dict) -> None:
-    path = out / "meta.json"
-    meta = json.loads(path.read_text()) if path.exists() else {}
-    meta[name] = entry
-    path.write_text(json.dumps(dict(sorted(meta.items())), indent=2) + "\n")
 
 
 # -- classifiers -----------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _aug(names):
 
 def train_encoder(name: str, out: Path, *, seed: int, n: int, steps: int, batch: int, lr: float, n_test: int) -> dict:
     from featinv.zoo.shapes import fit
-    from featinv.zoo.shapes.train import _save
+    from featinv.zoo.provenance import save_weights as _save
 
     torch.manual_seed(seed)
     model = build(name)

@@ -86,7 +86,7 @@ def biased_rows(rows: np.ndarray, name: str, rng: np.random.Generator) -> np.nda
 
 def train_targets(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: float, width: int, n_test: int) -> dict:
     from featinv.zoo.shapes import fit
-    from featinv.zoo.shapes.train import _save
+    from featinv.zoo.provenance import save_weights as _save
 
     entries = {}
     for i, name in enumerate(NAMES):

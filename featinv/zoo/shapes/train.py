@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featinv.zoo.provenance import env_info, save_weights, update_meta
 from featinv.zoo.shapes import world as W
 
 STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-multi-unet", "shapes-shape",
@@ -50,11 +51,7 @@ def _scaled(cfg: dict, scale: float) -> dict:
     return out
 
 
-def _save(model, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+_save = save_weights
 
 
 def _n(m) -> int:
@@ -200,7 +197,6 @@ def expand(what: list[str]) -> list[str]:
 def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start_phase: int = 1) -> dict:
     """Run the selected stages into ``out`` and record each in ``out / 'meta.json'``; ``vae_start_phase``
     > 1 resumes the VAE from its stored weights at that phase."""
-    from featinv.zoo.train import env_info, update_meta
 
     results, t_all = {}, time.time()
     for stage in expand(what):
