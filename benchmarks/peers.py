@@ -13,9 +13,12 @@ digit, ``cos``). Mean ± std over seeds of the per-seed means.
 
 Tools:
 * ``fourier`` / ``fourier-notf``: featinv's FourierVisualization (Lucid's parametrisation and
-  standard transforms scaled to 16 px), with / without transforms; ``fourier-crop`` brings the
-  padded view back by a central crop instead of a resize, ``-bg`` pads with the digits' background
-  (0) instead of Lucid's grey. The variant used as featinv's default is chosen on ``--split val``.
+  standard transforms scaled to 16 px), with / without transforms. How the padded, warped view is
+  brought back to 16 px was chosen on ``--split val`` (peers_val.md, run when the default was
+  ``resize``: there ``fourier`` = ``fourier-resize``): ``fourier-crop`` (a central crop, now the
+  default ``fit``) or ``fourier-resize`` (the previous default: a resize, which shrinks the content);
+  ``-bg`` pads with the digits' background (0) instead of Lucid's grey; ``fourier-weak`` halves
+  every transform.
 * ``pixel``: featinv's Mahendran & Vedaldi baseline (300 steps).
 * ``lucent`` / ``lucent-notf``: torch-lucent 0.1.8, ``param.image(16, channels=1, batch=n)`` (FFT +
   sigmoid), Adam lr 0.05, ``transform.standard_transforms`` scaled by 16/128 (pad 2 grey, jitter 2,
@@ -57,7 +60,8 @@ from featinv.metrics import cosine  # noqa: E402
 
 STEPS = 512
 FEATINV = {"fourier": {}, "fourier-notf": {"transforms": False}, "fourier-crop": {"fit": "crop"},
-           "fourier-bg": {"pad_value": 0.0}, "fourier-crop-bg": {"fit": "crop", "pad_value": 0.0},
+           "fourier-resize": {"fit": "resize"}, "fourier-bg": {"fit": "resize", "pad_value": 0.0},
+           "fourier-crop-bg": {"fit": "crop", "pad_value": 0.0},
            "fourier-weak": {"pad": 6 / 128, "jitter": 4 / 128, "scale": (0.95, 1.05), "rotate": 5.0, "jitter2": 2 / 128}}
 
 
