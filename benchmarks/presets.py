@@ -57,6 +57,7 @@ def grid() -> list[tuple[str, dict]]:
     g += [variant(s, K=2) for s in (10, 25, 50)] + [variant(s, K=4) for s in (10, 25)]  # recurrence everywhere
     g += [variant(s, e=3, ek=20) for s in (10, 25)]  # early window only
     g += [variant(s, K=4, e=3, ek=20) for s in (25,)]  # recurrence + early window
+    g += [variant(50, K=4)]  # fast-v1 without its early window
     g += [variant(50, stop=c) for c in (0.99, 0.995, 0.998)]  # adaptive compute
     g += [variant(100, stop=c) for c in (0.995, 0.998)]
     g.append(("fast-v1", dict(OLD_FAST)))  # the previous default (NFE 248)
@@ -119,13 +120,17 @@ def main():
     ap.add_argument("--load", default="", help="free-text note on the machine's load, copied into the table")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on shared cores)")
+    ap.add_argument("--guide", choices=["cnn", "vit"], default="cnn",
+                    help="guiding encoder (the other one is the held-out evaluator); vit writes *_vit files")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",")]
-    out = Path(a.results) / ("presets_val" if a.phase == "val" else "presets")
+    out = Path(a.results) / (("presets_val" if a.phase == "val" else "presets") + ("_vit" if a.guide == "vit" else ""))
     prior = featinv.build_prior("zoo:digits-ddpm")
-    enc = featinv.build_encoder("zoo:digits-cnn@penultimate")
-    ev = build_evaluator("vit=zoo:digits-vit@logits")
+    if a.guide == "cnn":
+        enc, ev = featinv.build_encoder("zoo:digits-cnn@penultimate"), build_evaluator("vit=zoo:digits-vit@logits")
+    else:  # ViT-guided: the CNN is the held-out judge (its scores keep the key names 'vit_*' in the JSON)
+        enc, ev = featinv.build_encoder("zoo:digits-vit"), build_evaluator("vit=zoo:digits-cnn@logits")
     g = dict(grid())
     if a.phase == "val":
         todo = list(g.items())
@@ -140,6 +145,7 @@ def main():
     rows = load_rows(str(out) + ".json") if a.resume else []
     done = {r["name"] for r in rows}
     cmd = f"python benchmarks/presets.py --phase {a.phase} --n {a.n} --seeds {a.seeds} --threads {a.threads}" + (
+        f" --guide {a.guide}" if a.guide != "cnn" else "") + (
         f" --only {a.only}" if a.only else "")
     for name, kw in todo:
         if name in done:
@@ -191,7 +197,11 @@ def write(a, out, rows, cmd):
     text = title + "\n" + head + "\n" + cols + "\n" + "\n".join(lines) + "\n" + tail
     Path(str(out) + ".md").write_text(text)
     print(text, flush=True)
-    if a.phase == "test":
+    if a.guide == "vit":
+        text = text.replace("ViT agree", "held-out CNN agree").replace("ViT cos", "held-out CNN cos").replace(
+            "# Presets", "# ViT-guided presets (the digits CNN is the held-out judge)")
+        Path(str(out) + ".md").write_text(text)
+    if a.phase == "test" and a.guide == "cnn":
         plot(Path(a.results) / "presets_val.json", rows, Path(a.results) / "presets.png")
 
 
