@@ -3,9 +3,11 @@ import subprocess
 
 
 def commit() -> str:
-    """Short hash of the checked-out commit, or "unknown" outside a git checkout."""
+    """Short hash of the checked-out commit (+uncommitted if tracked files differ), or "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.yaml", "*.toml"],
+                               capture_output=True, text=True).stdout.strip()  # code or configs, not docs
+        return (out.stdout.strip() + ("+uncommitted" if dirty else "")) if out.stdout.strip() else "unknown"
     except OSError:
         return "unknown"

@@ -44,10 +44,14 @@ ENCODERS = {"cnn": "zoo:digits-cnn@penultimate", "vit": "zoo:digits-vit"}
 CLASSIFIERS = {"cnn": "zoo:digits-cnn@logits", "vit": "zoo:digits-vit@logits"}
 OTHER = {"cnn": "vit", "vit": "cnn"}
 DEFAULT_METHODS = "fast,unguided,pixel,fourier,deepinversion,mpgd,dps,freedom,ugd,tfg"
+KID_SUBSET = 50  # samples per KID subset (100 subsets, seed 0)
 
 
-def kid(fake_feats: torch.Tensor, real_feats: torch.Tensor, subset: int) -> tuple[float, float]:
-    """KID (mean, std) of two feature sets via torchmetrics, features given directly."""
+def kid(fake_feats: torch.Tensor, real_feats: torch.Tensor, subset: int, subsets: int = 100,
+        seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std over ``subsets`` random subsets of ``subset`` samples from each set) via
+    torchmetrics, features given directly; the subsets are drawn from a fixed ``seed`` (torchmetrics
+    uses the global torch RNG; its state is restored afterwards)."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     class Identity(torch.nn.Module):  # torchmetrics takes a feature extractor; ours are precomputed
@@ -56,10 +60,12 @@ def kid(fake_feats: torch.Tensor, real_feats: torch.Tensor, subset: int) -> tupl
         def forward(self, x):
             return x
 
-    m = KernelInceptionDistance(feature=Identity(), subset_size=subset, normalize=True)
+    m = KernelInceptionDistance(feature=Identity(), subsets=subsets, subset_size=subset, normalize=True)
     m.update(real_feats, real=True)
     m.update(fake_feats, real=False)
-    mean, std = m.compute()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = m.compute()
     return float(mean), float(std)
 
 
@@ -83,8 +89,13 @@ def evaluate(method: str, guide: str, images, labels, seeds, encs, clfs, real_fe
                 heldout_cos=cosine(f_other, f_other_target).mean(),
                 label_guide=(clfs[guide](r.images).argmax(1) == labels).float().mean(),
                 label_heldout=(clfs[other](r.images).argmax(1) == labels).float().mean()))
-            rows[-1]["kid"], rows[-1]["kid_std"] = kid(f_other, real_feats[other], subset=min(50, len(images)))
+        # KID over every seed's inversions pooled (n x seeds samples), seeded subsets
+        fakes = torch.cat([encs[other](r.images) for r in runs])
+        kid_mean, kid_std = kid(fakes, real_feats[other], subset=min(KID_SUBSET, len(fakes)))
     out = {k: float(torch.tensor([float(x[k]) for x in rows]).mean()) for k in rows[0]}
+    out["kid"], out["kid_std"] = kid_mean, kid_std
+    for k in ("final_cos", "label_heldout"):  # std over seeds of the per-seed means
+        out[k + "_std"] = float(torch.tensor([float(x[k]) for x in rows]).std()) if len(rows) > 1 else 0.0
     if len(runs) >= 2:
         out["diversity"] = float((runs[0].images - runs[1].images).pow(2).flatten(1).mean(1).sqrt().mean())
     out.update(method=method, guide=guide, nfe=float(runs[0].nfe.float().mean()),
@@ -100,17 +111,25 @@ COLS = ["guide", "method", "final_cos", "best_cos", "rel_l2", "heldout_cos", "la
 def markdown(rows, meta) -> str:
     fmt = {"nfe": "{:.0f}", "backward": "{:.0f}", "s_per_image": "{:.3f}", "kid": "{:.4f}", "peak_rss_gib": "{:.2f}"}
     lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+
+    def cell(r, c):
+        if not isinstance(r.get(c), float):
+            return str(r.get(c, ""))
+        f = fmt.get(c, "{:.3f}")
+        return f.format(r[c]) + (" ± " + f.format(r[c + "_std"]) if isinstance(r.get(c + "_std"), float) else "")
+
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['guide']} | {r['method']} | n/a: {r['note']} |" + " |" * (len(COLS) - 3))
             continue
-        lines.append("| " + " | ".join(fmt.get(c, "{:.3f}").format(r[c]) if isinstance(r.get(c), float)
-                                       else str(r.get(c, "")) for c in COLS) + " |")
+        lines.append("| " + " | ".join(cell(r, c) for c in COLS) + " |")
     return (f"# Methods x encoders on the embedded digits world\n\n{meta['n']} held-out test digits, seeds "
             f"{meta['seeds']}; machine: {meta['machine']}; torch {meta['torch']}; commit {meta['commit']}.\n"
             f"Command: `{meta['command']}`\n\nguide = encoder whose feature is inverted; heldout_* = the other "
             "encoder (never used for guidance); kid = KID vs the 360 real test digits in the held-out encoder's "
-            "space; label_* = fraction whose predicted label equals the target's; diversity = pixel RMS between "
+            "space (all seeds' inversions pooled; mean ± std over 100 random subsets of " + str(KID_SUBSET) + " per set, "
+            "subsets drawn from seed 0); final_cos and label_heldout: mean ± std over seeds of the per-seed means; "
+            "label_* = fraction whose predicted label equals the target's; diversity = pixel RMS between "
             "two seeds; nfe = prior evaluations (diffusion) or encoder passes (baselines) per image; peak_rss = "
             "process peak so far.\n\n" + "\n".join(lines) + "\n")
 
@@ -144,12 +163,15 @@ def main():
             print(json.dumps(row), flush=True)
             if imgs is not None and guide == a.encoders.split(",")[0]:
                 grid_rows[method] = imgs[:16]
-    meta = dict(n=a.n, seeds=seeds, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads",
+    la = os.getloadavg()
+    meta = dict(n=a.n, seeds=seeds, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads; "
+                f"shared cores (other jobs running; this one at nice 19), load average {la[0]:.1f} at the end",
                 torch=torch.__version__, commit=commit(), command="python benchmarks/methods.py " + " ".join(
                     f"--{k} {v}" for k, v in vars(a).items()))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLS + ["kid_std", "note"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=COLS + ["kid_std", "final_cos_std", "label_heldout_std", "note"],
+                           extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     json.dump({"meta": meta, "rows": rows}, open(a.out + ".json", "w"), indent=1)

@@ -167,6 +167,34 @@ def test_fourier_three_channels(tiny_encoder):
     assert out.images.shape == (2, 3, 8, 8) and out.images.min() >= 0 and out.images.max() <= 1
 
 
+def test_fourier_fit_crop_keeps_the_scale(tiny_prior, tiny_encoder, target):
+    """With padding but no warp, ``fit='crop'`` shows the encoder exactly the image; ``resize`` a
+    shrunken copy (the cause of the gap to Lucent/horama on digits: benchmarks/results/peers.md)."""
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc, self.input_size = enc, None
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.enc(x)
+
+    still = dict(steps=1, pad=0.25, jitter=0.0, jitter2=0.0, scale=(1.0, 1.0), rotate=0.0, track_clean=False)
+    gens = make_generators([0, 1, 2])
+    for fit in ("crop", "resize"):
+        seen.clear()
+        out = get_method("fourier", fit=fit, **still)(tiny_prior, Spy(tiny_encoder), target, make_generators([0, 1, 2]))
+        first = fourier_image(0.01 * featinv.contract.randn(gens, (1, 8, 5, 2)), (8, 8))
+        gens = make_generators([0, 1, 2])
+        assert seen[0].shape == (3, 1, 8, 8) and out.images.shape == (3, 1, 8, 8)
+        assert torch.allclose(seen[0], first, atol=1e-5) == (fit == "crop"), fit
+    assert get_method("fourier").fit == "crop"
+    with pytest.raises(ValueError, match="fit='zoom' is invalid"):
+        get_method("fourier", fit="zoom")
+
+
 # -- deepinversion ----------------------------------------------------------------------------------------
 def test_deepinversion_needs_batchnorm(tiny_prior, tiny_encoder, target, bn_encoder):
     with pytest.raises(NotApplicableError, match="deepinversion needs BatchNorm layers; tiny-cnn has none"):
