@@ -172,7 +172,7 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
             ("VAE reconstructions (>= 0.97)", *[res["vae_reconstruction"][f] for f in F_], res["vae_reconstruction"]["all"]),
             (f"generated from test captions, CFG {cs['cfg_scale']} (>= 0.90; position >= 0.80)",
              *[cs["test"][f] for f in F_], cs["test"]["all"])]
-    lines = [f"# Shapes world prior: fidelity judged by the readers\n",
+    lines = ["# Shapes world prior: fidelity judged by the readers\n",
              f"Commit `{stamp['commit']}`; command: `{stamp['command']}`  ",
              f"Machine: {stamp['machine']} (1-min load average at the end {stamp['load_average_at_end']:.1f}); "
              f"torch {stamp['torch']}; seeds: benchmark seed {args.seed} (per-image seeds = base + index).  ",
@@ -182,7 +182,7 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
              "## Single object (`zoo:shapes-sd`)\n",
              "| images | " + " | ".join(F_) + " | all factors |", "|---" * (len(F_) + 2) + "|"]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    lines += ["", f"CFG selection on validation (mean accuracy per factor): " + ", ".join(
+    lines += ["", "CFG selection on validation (mean accuracy per factor): " + ", ".join(
         f"{k}: {np.mean([v[f] for f in F_]):.3f}" for k, v in cs["selection_on_val"].items()), "",
         f"Empty prompt ({args.n} samples, CFG off): total variation of reader histograms vs the data's factor "
         f"marginals (<= 0.1); {es['confident_rate']:.3f} of samples read with confidence >= 0.9 on every factor.\n",
