@@ -2,6 +2,8 @@
 
     python benchmarks/eddp.py --part synthetic --seeds 0 1 2 3 4 [--val-seed 100] [--threads 1]
                               [--schedule fast] [--paper-schedule-seeds 0]
+    python benchmarks/eddp.py --part shapes [--classifiers zoo:shapes-shape zoo:shapes-color] [--weights DIR]
+                              [--directions 8 16] [--am-samples 4] [--threads 1]
 
 Part ``synthetic`` (the EDDP paper's own experiment, featinv.explain.synthetic): per seed a new world
 (random unit S, D), 1000 train + 1000 test images per class, the avg-pool + linear network trained on the
@@ -11,8 +13,12 @@ RMSE, cos after matching on cos. Baselines without their own detection threshold
 detect at a quantile of their score chosen on ``--val-seed`` (a world not among ``--seeds``). EDDP's
 influence on the classes (RCAV test, featinv.explain.influence) is reported as SDC / SCDP.
 
-Writes benchmarks/results/eddp.md (sections per part; the shapes-world part is a later issue),
-eddp_synthetic.csv and eddp_synthetic.png.
+Part ``shapes`` (the shapes world, ``benchmarks/eddp_shapes.py``): EDDP at conv3 of the shapes classifiers,
+labelled with the renderer's masks, influence, counterfactuals, baselines, and validation by activation
+maximisation with guided diffusion and the AM baselines; see that file.
+
+Writes benchmarks/results/eddp.md (one section per part; running one part keeps the other's section),
+eddp_synthetic.csv / .png and eddp_shapes.csv / .png.
 """
 from __future__ import annotations
 
@@ -242,15 +248,13 @@ def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> 
           "matched on |cos| instead of IoU. PCA / FastICA / NMF use 5 components (the signal's rank); Pattern-CAV is "
           "supervised (it is trained on the concept labels); 'EDDP (no f+)' is the same schedule without the "
           "network, i.e. without the uncertainty-region losses L^uur / L^cur (an ablation). "
-          "See featinv/explain/recovery.py.", "",
-          "## Shapes world", "", "Not run yet (issue 15: directions in a conv layer of a shapes classifier, "
-          "labelled with the renderer's masks; S^1, S^2, SDC, SCDP).", ""]
+          "See featinv/explain/recovery.py.", ""]
     return "\n".join(L)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["synthetic"], default="synthetic")
+    ap.add_argument("--part", choices=["synthetic", "shapes"], default="synthetic")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--val-seed", type=int, default=100)
     ap.add_argument("--schedule", choices=sorted(PRESETS), default="fast")
@@ -260,8 +264,29 @@ def main():
     ap.add_argument("--n-per-class", type=int, default=1000, help="train and test images per class (paper: 1000)")
     ap.add_argument("--sae-epochs", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    sh = ap.add_argument_group("shapes part")
+    sh.add_argument("--classifiers", nargs="+", default=["zoo:shapes-shape", "zoo:shapes-color"])
+    sh.add_argument("--weights", default=None, help="folder of the classifiers' weights (default: the zoo's)")
+    sh.add_argument("--layer", default="conv3")
+    sh.add_argument("--directions", type=int, nargs="+", default=[8, 16], help="numbers of directions tried on val")
+    sh.add_argument("--epochs", type=int, default=600, help="EDDP epochs of steps (a) and (d); (b) gets half")
+    sh.add_argument("--n-fit", type=int, default=300)
+    sh.add_argument("--n-val", type=int, default=300)
+    sh.add_argument("--n-test", type=int, default=500)
+    sh.add_argument("--influence-images", type=int, default=256)
+    sh.add_argument("--baseline-positions", type=int, default=8000)
+    sh.add_argument("--prior", default="zoo:shapes-sd")
+    sh.add_argument("--reader", default="zoo:shapes-reader")
+    sh.add_argument("--weights-grid", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="guidance weights tried on val")
+    sh.add_argument("--val-directions", type=int, default=8)
+    sh.add_argument("--val-samples", type=int, default=2)
+    sh.add_argument("--am-samples", type=int, default=4)
+    sh.add_argument("--am-batch", type=int, default=32)
+    sh.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "shapes":
+        return run_shapes(args)
     global N_PER_CLASS, SAE_EPOCHS
     N_PER_CLASS, SAE_EPOCHS = args.n_per_class, args.sae_epochs
     command = "python benchmarks/eddp.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -295,8 +320,35 @@ def main():
             w.writerow({**{k: v for k, v in r.items() if k in keys}, "method": "EDDP", "schedule": "paper"})
     figure(rows, extras[0], args.out / "eddp_synthetic.png")
     md = write_markdown(rows, paper_rows, extras, quantiles, args, time.perf_counter() - t0, command)
+    old = (args.out / "eddp.md").read_text() if (args.out / "eddp.md").exists() else ""
+    if "## Shapes world" in old:  # keep the other part's section
+        md = md.rstrip() + "\n\n## Shapes world" + old.split("## Shapes world", 1)[1]
     (args.out / "eddp.md").write_text(md)
     log(f"wrote {args.out / 'eddp.md'}")
+
+
+def machine(threads: int) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), shared; torch {torch.__version__}"
+
+
+def run_shapes(args) -> None:
+    from benchmarks.eddp_shapes import main_shapes
+
+    command = "python benchmarks/eddp.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (f"Commit {commit()}; command `{command}`; seeds: EDDP / baselines / RCAV / AM {args.seed}, AM validation "
+              f"1000; renders: the world's fixed train / val / test splits; {machine(args.threads)}; wall "
+              "{WALL} min.")
+    main_shapes(args, log, header, args.out)
+    md = args.out / "eddp.md"
+    md.write_text(md.read_text().replace("{WALL}", f"{(time.perf_counter() - t0) / 60:.1f}"))
 
 
 if __name__ == "__main__":

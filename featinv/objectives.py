@@ -8,6 +8,10 @@ Every objective is a callable ``objective(feat, target) -> (B,)``, a per-sample 
   (Erhan et al. 2009; Olah et al. 2017 "Feature Visualization").
 * ``ClassLogit(k)``: -logit_k (or -log p_k with ``log_prob=True``) of a classifier's output.
 * ``Direction(v)``: -cos(f, v), a direction in feature space (``v=None``: the target's direction).
+* ``Projection(v)``: -mean_p v^T x_p, the dot product with a direction at every spatial position of a
+  conv layer, averaged over positions: EDDP's activation maximisation of an encoding direction
+  (Doumanoglou et al., arXiv 2509.23926: maximise the signal written along s_i). Unbounded, unlike
+  ``Direction``: it rewards moving *further* along v, not only turning towards it.
 
 ``feat`` is what ``featinv.encoders.Encoder`` returns, a (B, D) vector: the layer's activation
 flattened (``pool=None``), pooled over space/tokens (``pool="avg"``) or the CLS token
@@ -27,7 +31,8 @@ then reduces it to channel means itself (mean over H, W or over tokens), as ``po
 
 From YAML, ``objective`` is a string or a dict (see ``make_objective``):
 ``"feature"``, ``"feature:relative"``, ``"unit:7"``/``"channel:7"``/``"activation:7"``, ``"logit:3"``,
-``"direction"``, or ``{kind: activation, index: [3, 5]}``, ``{kind: direction, v: [...]}``.
+``"direction"``, ``"projection"``, or ``{kind: activation, index: [3, 5]}``, ``{kind: direction, v: [...]}``,
+``{kind: projection, v: [...]}`` (v has the layer's C entries).
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ import torch.nn.functional as F
 
 from featinv.metrics import rel_l2, sq_l2
 
-__all__ = ["Objective", "FeatureMatch", "Activation", "ClassLogit", "Direction", "make_objective",
-           "resolve_objective", "OBJECTIVES"]
+__all__ = ["Objective", "FeatureMatch", "Activation", "ClassLogit", "Direction", "Projection", "make_objective",
+           "resolve_objective", "OBJECTIVES", "tile_direction"]
 
 
 class Objective:
@@ -143,11 +148,70 @@ class Direction(Objective):
         return -F.cosine_similarity(f, v, dim=1, eps=1e-12)
 
 
+@dataclass(eq=False)
+class Projection(Objective):
+    """Maximise the mean over positions of the dot product with ``v``: loss = -(1/P) sum_p v^T x_p.
+
+    EDDP validates an encoding direction s_i by activation maximisation of this quantity at the layer
+    the direction lives in (the signal written along s_i, averaged over the map). ``feat`` is a conv
+    layer's activation (B, C, H, W), a token sequence (B, N, C), or the encoder's flattened C-major
+    vector (B, C*H*W) (``Encoder(pool=None)``), read with C = len(v). ``v``: (C,) shared or (B, C) one
+    direction per sample; ``normalize`` uses v / ||v|| (activation units along a unit direction).
+
+    ``v=None`` takes the direction from the target, a (B, C*H*W) field t as the encoder gives:
+    loss = -<f, t> / ||t||^2, which is -(1/P) sum_p s^T x_p when t is a unit s tiled over the P
+    positions (``tile_direction``): one batch can then maximise a different direction per sample.
+    """
+
+    v: Any = None
+    normalize: bool = True
+
+    def projection(self, feat: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The maximised quantity per sample, (B,)."""
+        f = feat.float()
+        B = f.shape[0]
+        if self.v is None:
+            if target is None:
+                raise ValueError("Projection(v=None) takes the direction field from the target, which is missing")
+            t = target.to(f.device).float().flatten(1)
+            f = f.flatten(1)
+            if t.shape != f.shape:
+                raise ValueError(f"target field {tuple(t.shape)} does not match features {tuple(f.shape)}")
+            return (f * t).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)
+        v = torch.as_tensor(self.v, dtype=torch.float32).to(f.device)
+        C = v.shape[-1]
+        if self.normalize:
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if f.ndim == 4 and f.shape[1] == C:
+            x = f.flatten(2)                                  # (B, C, P)
+        elif f.ndim == 3 and f.shape[2] == C:
+            x = f.transpose(1, 2)
+        elif f.ndim == 2 and f.shape[1] % C == 0:
+            x = f.view(B, C, -1)                              # the Encoder's C-major flattening
+        else:
+            raise ValueError(f"a direction of {C} channels does not fit features of shape {tuple(f.shape)}")
+        v = v.expand(B, C) if v.ndim == 1 else v
+        if v.shape != (B, C):
+            raise ValueError(f"direction of shape {tuple(v.shape)} for {B} samples of {C} channels")
+        return torch.einsum("bcp,bc->b", x, v) / x.shape[2]
+
+    def __call__(self, feat, target=None):
+        return -self.projection(feat, target)
+
+
+def tile_direction(s: torch.Tensor, positions: int) -> torch.Tensor:
+    """A unit direction s (C,) or (B, C) repeated at every one of ``positions`` positions, flattened C-major
+    like ``Encoder(pool=None)``: (C*P,) or (B, C*P), the target field of ``Projection(v=None)``."""
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return s.unsqueeze(-1).expand(*s.shape, positions).flatten(-2)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "feature": FeatureMatch, "l2": FeatureMatch,
     "activation": Activation, "unit": Activation, "channel": Activation,
     "logit": ClassLogit, "class": ClassLogit,
     "direction": Direction, "cosine": Direction,
+    "projection": Projection, "dot": Projection,
 }
 
 
@@ -172,7 +236,7 @@ def make_objective(spec) -> Objective | Callable | None:
             if arg.strip() not in ("relative", "rel"):
                 raise ValueError(f"objective {spec!r}: 'feature' takes ':relative' or nothing")
             return FeatureMatch(relative=True)
-        if cls is Direction:
+        if cls in (Direction, Projection):
             raise ValueError(f"objective {spec!r}: give a direction as a dict {{kind: direction, v: [...]}}")
         nums = [int(a) for a in arg.split(",")]
         if cls is ClassLogit:

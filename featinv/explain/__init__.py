@@ -5,12 +5,20 @@
 * ``influence``: RCAV-style influence of directions on classes (permutation test, SDC / SCDP);
 * ``dissection``: IoU of detector maps with concept masks, S^1 / S^2;
 * ``synthetic`` / ``recovery`` / ``baselines``: the paper's synthetic world, scoring against its ground truth,
-  and PCA / NMF / FastICA / sparse-autoencoder / Pattern-CAV baselines.
-Plain PyTorch (no Lightning / W&B).
+  and PCA / NMF / FastICA / sparse-autoencoder / Pattern-CAV baselines;
+* a conv layer of a classifier in a world with pixel-labelled concepts (the shapes world): ``layer``
+  (f- / f+ split), ``concepts`` (masks, Network Dissection), ``counterfactual``, ``am`` (validation by
+  activation maximisation), ``layer_baselines``, ``eddp_world`` (``explain_layer``: the whole pipeline);
+  ``eddp_shapes`` is the glue to the shapes world (``explain_classifier``, ``validate``);
+* ``eddp_module``: ``EDDPModule``, the Lightning layer (``featinv predict -c configs/explain/eddp.yaml``).
+Plain PyTorch (no Lightning / W&B) except ``eddp_module``.
 """
 from featinv.explain.dissection import dissection_iou, s1_score, s2_score
 from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp
+from featinv.explain.eddp_world import LayerConfig, LayerReport, WorldData, explain_layer
 from featinv.explain.influence import Influence, rcav_influence
+from featinv.explain.layer import LayerSplit
 
 __all__ = ["fit_eddp", "EDDPConfig", "DirectionPairs", "PRESETS", "rcav_influence", "Influence",
-           "dissection_iou", "s1_score", "s2_score"]
+           "dissection_iou", "s1_score", "s2_score", "explain_layer", "LayerConfig", "LayerReport", "WorldData",
+           "LayerSplit"]

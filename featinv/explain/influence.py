@@ -16,6 +16,12 @@ is significant when p < level / (I C) (Bonferroni over all directions and classe
 * ``test="paired"``: the labels "original" / "perturbed" are permuted within each image (random signs of the
   per-image changes): does moving along s_i change p_c at all?
 SDC = #directions significant for at least one class; SCDP = #significant (direction, class) pairs.
+
+``shared_null=True`` (RCAV null only) draws one set of null directions for all directions, with the median
+positive-set size: the null direction is a difference of means of two random position sets, which for many
+positions is ~ Gaussian with covariance Sigma (1/m + 1/(M - m)); at unit length its distribution no longer
+depends on m. It costs n_perm instead of I * n_perm passes through f+ (a Bonferroni-level test over I
+directions and C classes needs n_perm >= I C / level permutations *per direction* otherwise).
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ def _probs(f_plus, X: Tensor, output: str, batch: int) -> Tensor:
 def rcav_influence(pairs, X: Tensor, f_plus: Callable[[Tensor], Tensor], alpha: float = 1.0,
                    n_perm: int = 200, seed: int = 0, level: float = 0.05, output: str = "logits",
                    positives: Optional[Tensor] = None, batch: int = 4096, test: str = "rcav",
-                   tol: float = 1e-6) -> Influence:
+                   tol: float = 1e-6, shared_null: bool = False) -> Influence:
     """Influence of each signal vector ``pairs.S[:, i]`` on every class; see the module docstring.
 
     ``pairs``: a ``DirectionPairs`` (or anything with ``S`` (D, I), and ``detect`` for the RCAV null);
@@ -84,7 +90,12 @@ def rcav_influence(pairs, X: Tensor, f_plus: Callable[[Tensor], Tensor], alpha: 
     if test not in ("rcav", "paired"):
         raise ValueError(f"test must be 'rcav' or 'paired', got {test!r}")
     null = torch.zeros(I, n_perm, C)
-    for i in range(I):
+    if shared_null and test == "rcav":
+        m = min(max(int(positives.sum(0).float().median()), 1), flat.shape[0] - 1)
+        for k in range(n_perm):
+            perm = torch.randperm(flat.shape[0], generator=g)
+            null[:, k] = changes(flat[perm[:m]].mean(0) - flat[perm[m:]].mean(0)).mean(0)
+    for i in range(I if not (shared_null and test == "rcav") else 0):
         m = min(max(int(positives[:, i].sum()), 1), flat.shape[0] - 1) if test == "rcav" else 0
         for k in range(n_perm):
             if test == "paired":
