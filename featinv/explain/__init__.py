@@ -5,7 +5,7 @@
   over concept masks);
 * ``diffex``: DiffEx (Kazimi et al., CVPR 2025) -- hierarchical semantics scored by text-guided edits
   (``ledits``: the LEDITS++ editor of diffusers, inverted once and reused across keywords);
-* ``shapes``: the shapes world's oracles, judges and target classifiers wired to both;
+* ``shapes_oracles``: the shapes world's oracles, judges and target classifiers wired to both;
 * ``modules``: the Lightning layer (``DepictModule``, ``DiffExModule``) -- the only module here that
   imports Lightning.
 """

@@ -22,7 +22,7 @@ column is shuffled across scenes before generating. The steps, as numbered in th
    near-diagonal when the generator changes only what the caption changed).
 
 The generator is anything with the ``SceneGenerator`` protocol (presence rows, scene ids -> images):
-the diffusion model, or an ``Oracle`` such as the shapes world's renderer (``featinv.explain.shapes``),
+the diffusion model, or an ``Oracle`` such as the shapes world's renderer (``featinv.explain.shapes_oracles``),
 which runs the very same protocol on exact counterfactuals. Plain PyTorch / numpy.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ The steps of the released code (TahiraKazimi/DiffEx), each here:
    categories and an LLM for the keywords; featinv reads it from YAML (``Hierarchy.from_yaml``) --
    the hand-written stand-in for the VLM/LLM (in the shapes world: factor -> family -> value).
 3. Editor: LEDITS++ (``featinv.explain.ledits.LeditsEditor``), or any object with
-   ``edit(prompts, seed) -> images`` over a fixed image set; ``featinv.explain.shapes.RendererEditor``
+   ``edit(prompts, seed) -> images`` over a fixed image set; ``featinv.explain.shapes_oracles.RendererEditor``
    is the exact oracle. A keyword is phrased for the editor by its category's template
    ("a {} shape"); a level-1 item is edited with all its keywords at once (one multi-concept LEDITS++
    edit), since the stand-in vocabulary has no word for a family ("warm").
@@ -106,12 +106,13 @@ class EditScorer:
     its keywords: the keyword with the largest |Delta| (a family has no single exact edit)."""
 
     def __init__(self, editor, score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 seeds: Sequence[int] = (0, 1)):
+                 seeds: Sequence[int] = (0, 1), edited: dict | None = None):
         self.editor, self.score = editor, score
         self.exact = bool(getattr(editor, "exact", False))
         self.seeds = [0] if self.exact else [int(s) for s in seeds]
         self.base = score(images).double()  # s(original) per image
-        self.edited: dict[tuple[tuple[str, ...], int], torch.Tensor] = {}
+        # (prompts, seed) -> edited images; pass one dict to several scorers (classifiers) of one editor
+        self.edited: dict[tuple[tuple[str, ...], int], torch.Tensor] = {} if edited is None else edited
         self.per_image: dict[str, torch.Tensor] = {}  # node name -> (S, N) s(edit) - s(original)
         self.n_edits = 0
 
