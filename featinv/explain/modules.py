@@ -34,6 +34,18 @@ __all__ = ["ClassifierTargets", "DepictModule", "DiffExModule"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _folder_digest(folder: Path) -> str:
+    """Hash of a model folder's weights and configs (names and bytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=10)
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".json", ".txt", ".bin"):
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 class ClassifierTargets(TargetSource):
     """The classifiers to explain, one item each (``text`` = the classifier, e.g. ``primary-red-circle``
     or, for DiffEx, ``unbiased-color:red``)."""
@@ -256,8 +268,7 @@ class DiffExModule(_Explainer):
     def identity(self) -> dict:
         ed = {"sd": str(self.sd)}
         if self.editor is None and "diffex" in self.methods:
-            ed["sd_weights"] = tensor_digest("".join(sorted(
-                tensor_digest(p.read_bytes().hex()[:200000]) for p in self._sd_dir().rglob("*.safetensors"))))
+            ed["sd_weights"] = _folder_digest(self._sd_dir())
         return {"explainer": "diffex", "seed": self.seed, "reader": module_digest(self.reader),
                 "split": self.hparams.split, "n_images": len(self.rows), "hierarchy": [n.name for n in
                                                                                      self.hierarchy.leaves], **ed}
