@@ -152,3 +152,18 @@ def test_quantize_rounds_to_8_bits_with_a_straight_through_gradient():
     (gq,) = torch.autograd.grad(q(img).sum(), img)
     (gp,) = torch.autograd.grad(plain(img).sum(), img)
     torch.testing.assert_close(gq, gp)  # identity backward through the rounding
+
+
+@pytest.mark.slow
+def test_the_issue_mutants_are_killed():
+    """tools/mutants.py: each of the five breakages named in issue 11 fails the sampler tests."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "tools" / "mutants.py"), "--only", "tweedie", "no-renoise",
+                           "renoise-no-sqrt-ratio", "no-std-clamp", "no-8bit-rounding"],
+                          capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "5 killed, 0 survived" in proc.stdout
