@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from featinv.explain import shapes_oracles as SO
-from featinv.explain.depict import (CaptionGenerator, SceneCache, auroc, classifier_metric, permuted_table,
-                                    run_depict)
+from featinv.explain.depict import CaptionGenerator, SceneCache, auroc, classifier_metric, permuted_table, run_depict
 from featinv.zoo.shapes import world as W
 
 N = 40

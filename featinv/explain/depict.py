@@ -40,7 +40,7 @@ from featinv.contract import make_generators, randn
 from featinv.guidance import ddim_step
 
 __all__ = ["SceneGenerator", "Oracle", "SceneCache", "CaptionGenerator", "sample_prompts", "permuted_table",
-           "auroc", "classifier_metric", "DepictResult", "run_depict"]
+           "auroc", "classifier_metric", "detector_aurocs", "DepictResult", "run_depict"]
 
 
 class SceneGenerator(Protocol):
@@ -228,6 +228,12 @@ def _detect(detector: Callable, images: torch.Tensor, batch: int) -> torch.Tenso
 
 def _det_aurocs(probs: torch.Tensor, presence: np.ndarray, cols: Sequence[int]) -> np.ndarray:
     return np.array([auroc(probs[:, k].numpy(), presence[:, k]) for k in cols])
+
+
+def detector_aurocs(detector: Callable, images: torch.Tensor, presence: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(C,) the concept detector's AUROC per concept on ``images`` against the table ``presence``."""
+    presence = np.asarray(presence, dtype=bool)
+    return _det_aurocs(_detect(detector, images, batch), presence, range(presence.shape[1]))
 
 
 def run_depict(presence: np.ndarray, labels: Mapping[str, np.ndarray], classifiers: Mapping[str, Callable],
