@@ -1,11 +1,30 @@
-"""Model-level explainers built on featinv's diffusion machinery (seed systems 001-004).
+"""Model-level explainers built on featinv's diffusion machinery and its worlds (seed systems 001-004).
+
+EDDP (seed 001, arXiv 2509.23926), directions in a layer and their evaluation:
+
+* ``eddp``: ``fit_eddp`` -> ``DirectionPairs`` (decoding directions W, thresholds b, signal vectors S);
+* ``losses`` / ``auglag``: the paper's losses and the augmented-Lagrangian helper;
+* ``influence``: RCAV-style influence of directions on classes (permutation test, SDC / SCDP);
+* ``dissection``: IoU of detector maps with concept masks, S^1 / S^2;
+* ``synthetic`` / ``recovery`` / ``baselines``: the paper's synthetic world, scoring against its ground truth,
+  and PCA / NMF / FastICA / sparse-autoencoder / Pattern-CAV baselines.
+
+Concept importance through text-conditioned diffusion (seeds 003, 004):
 
 * ``depict``: DEPICT (Jabbour et al., ECCV 2024) -- permutation importance of concepts through a
   text-conditioned generator; ``gradcam``: its pixel-attribution baseline (Captum Grad-CAM pooled
   over concept masks);
-* ``diffex``: DiffEx (Kazimi et al., CVPR 2025) -- hierarchical semantics scored by text-guided edits
-  (``ledits``: the LEDITS++ editor of diffusers, inverted once and reused across keywords);
+* ``diffex``: DiffEx (Kazimi et al., CVPR 2025) -- hierarchical semantics scored by text-guided edits;
+  ``ledits``: the LEDITS++ editor of diffusers, inverted once and reused across keywords;
 * ``shapes_oracles``: the shapes world's oracles, judges and target classifiers wired to both;
-* ``modules``: the Lightning layer (``DepictModule``, ``DiffExModule``) -- the only module here that
-  imports Lightning.
+* ``modules``: their Lightning layer (``DepictModule``, ``DiffExModule``) -- the only module here that
+  reaches Lightning.
+
+Plain PyTorch (no Lightning / W&B) everywhere but ``modules``.
 """
+from featinv.explain.dissection import dissection_iou, s1_score, s2_score
+from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp
+from featinv.explain.influence import Influence, rcav_influence
+
+__all__ = ["fit_eddp", "EDDPConfig", "DirectionPairs", "PRESETS", "rcav_influence", "Influence",
+           "dissection_iou", "s1_score", "s2_score"]
