@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from _common import commit  # noqa: E402
 
 from featinv.explain import shapes_oracles as SO  # noqa: E402
-from featinv.explain.depict import CaptionGenerator, SceneCache, detector_aurocs, permuted_table, run_depict  # noqa: E402
+from featinv.explain.depict import CaptionGenerator, SceneCache, detector_scores, permuted_table, run_depict  # noqa: E402
 from featinv.explain.diffex import spearman  # noqa: E402
 from featinv.explain.gradcam import gradcam_concept_importance  # noqa: E402
 from featinv.explain.plots import importance_boxplot  # noqa: E402
@@ -57,7 +57,7 @@ def validate(a, meta) -> dict:
     """CFG scale x steps on val scenes: worst-concept detector AUROC gap, real vs generated."""
     x, rows = W.load_split("multi", "val", a.n_val)
     p, det = rows["present"], SO.presence_detector(a.weights)
-    real = detector_aurocs(det, x, p)
+    real = detector_scores(det, x, p)
     out = []
     for cfg in a.val_cfg:
         prior = prior_with(a.prior, cfg)
@@ -65,7 +65,7 @@ def validate(a, meta) -> dict:
             t0 = time.time()
             gen = CaptionGenerator(prior, SO.multi_caption, seed=a.seed, steps=steps, cfg_scale=cfg, batch=a.batch)
             g = gen(p, np.arange(len(p)))
-            aur = detector_aurocs(det, g, p)
+            aur = detector_scores(det, g, p)
             out.append(dict(cfg_scale=cfg, steps=steps, worst_gap=float(np.abs(real - aur).max()),
                             mean_gap=float(np.abs(real - aur).mean()), det_auroc_gen=aur.round(4).tolist(),
                             seconds=round(time.time() - t0, 1)))

@@ -195,3 +195,27 @@ def tiny_sd_dir(tmp_path_factory):
     from _tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-shapes-sd"))
+
+
+def test_depict_on_a_categorical_factor_table():
+    """DEPICT with the renderer on single-object scenes: permuting the factor a classifier reads matters,
+    the others do not, and the reader's accuracy per factor is the validity metric."""
+    x, rows = W.load_split("single", "val", 48)
+    table = SO.factor_table(rows)
+    reader = SO.factor_detector()
+
+    class ColourClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r = reader.reader.net
+
+        def forward(self, im):
+            return self.r.predict(im.float())["color"]
+
+    r = run_depict(table, {"colour": table[:, 1]}, {"colour": ColourClassifier()}, SO.FactorOracle(rows),
+                   concept_names=SO.FACTORS, detector=reader, real_images=x, permutations=2)
+    assert r.metric["colour"] == "accuracy" and r.ranking("colour")[0] == "color"
+    assert r.importance["colour"][1] > 0.5 and np.allclose(np.delete(r.importance["colour"], 1), 0)
+    assert (r.detector_real > 0.95).all() and np.abs(r.generation_gap).max() == 0
+    assert r.independence[1, 1] > 0.5 and r.off_diagonal < 0.05
+    assert SO.single_caption(table[0]) == W.caption(rows[0])

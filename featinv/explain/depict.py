@@ -21,7 +21,11 @@ column is shuffled across scenes before generating. The steps, as numbered in th
    (the concept x concept matrix of the detector's |delta AUROC| for concept j' when j is permuted;
    near-diagonal when the generator changes only what the caption changed).
 
-The generator is anything with the ``SceneGenerator`` protocol (presence rows, scene ids -> images):
+The table may also hold categorical factors (integer columns, e.g. a scene's colour and background):
+a permutation shuffles a factor's values, and the detector's validity metric is then its accuracy per
+factor instead of its AUROC per concept (``detector_scores``).
+
+The generator is anything with the ``SceneGenerator`` protocol (table rows, scene ids -> images):
 the diffusion model, or an ``Oracle`` such as the shapes world's renderer (``featinv.explain.shapes_oracles``),
 which runs the very same protocol on exact counterfactuals. Plain PyTorch / numpy.
 """
@@ -40,12 +44,12 @@ from featinv.contract import make_generators, randn
 from featinv.guidance import ddim_step
 
 __all__ = ["SceneGenerator", "Oracle", "SceneCache", "CaptionGenerator", "sample_prompts", "permuted_table",
-           "auroc", "classifier_metric", "detector_aurocs", "DepictResult", "run_depict"]
+           "auroc", "classifier_metric", "detector_scores", "DepictResult", "run_depict"]
 
 
 class SceneGenerator(Protocol):
-    """``gen(presence (n, C) bool, scenes (n,) int) -> images (n, 3, H, W) in [0, 1]``: scene ``scenes[i]``
-    showing the concepts of ``presence[i]``. It must be a function of (scene, row) only."""
+    """``gen(table (n, C), scenes (n,) int) -> images (n, 3, H, W) in [0, 1]``: scene ``scenes[i]`` showing
+    the concepts (bool) or factor values (int) of ``table[i]``. It must be a function of (scene, row) only."""
 
     def __call__(self, presence: np.ndarray, scenes: np.ndarray) -> torch.Tensor: ...
 
@@ -62,7 +66,7 @@ class SceneCache:
         self.requested = self.generated = self.calls = 0
 
     def __call__(self, presence: np.ndarray, scenes: np.ndarray) -> torch.Tensor:
-        presence, scenes = np.asarray(presence, dtype=bool), np.asarray(scenes, dtype=np.int64)
+        presence, scenes = np.asarray(presence), np.asarray(scenes, dtype=np.int64)
         keys = [(int(s), presence[i].tobytes()) for i, s in enumerate(scenes)]
         self.requested += len(keys)
         todo = list(dict.fromkeys(k for k in keys if k not in self.images))
@@ -117,14 +121,14 @@ class CaptionGenerator:
         return target_seed(self.seed, "depict", int(scene))
 
     def __call__(self, presence: np.ndarray, scenes: np.ndarray) -> torch.Tensor:
-        prompts = [self.caption_fn(row) for row in np.asarray(presence, dtype=bool)]
+        prompts = [self.caption_fn(row) for row in np.asarray(presence)]
         return sample_prompts(self.prior, prompts, [self.scene_seed(s) for s in scenes], self.steps, self.batch)
 
 
 def permuted_table(presence: np.ndarray, concept: int, p: int, seed: int = 0) -> np.ndarray:
     """Step 2: the table with column ``concept`` shuffled across rows (permutation ``p``, drawn from
     SeedSequence([seed, concept, p]): a concept's permutations do not depend on which others run)."""
-    presence = np.asarray(presence, dtype=bool)
+    presence = np.asarray(presence)
     perm = np.random.default_rng([seed, concept, p]).permutation(len(presence))
     out = presence.copy()
     out[:, concept] = presence[perm, concept]
@@ -226,14 +230,17 @@ def _detect(detector: Callable, images: torch.Tensor, batch: int) -> torch.Tenso
     return torch.cat([detector(images[i:i + batch]).float().cpu() for i in range(0, len(images), batch)])
 
 
-def _det_aurocs(probs: torch.Tensor, presence: np.ndarray, cols: Sequence[int]) -> np.ndarray:
-    return np.array([auroc(probs[:, k].numpy(), presence[:, k]) for k in cols])
+def _det_aurocs(out: torch.Tensor, table: np.ndarray, cols: Sequence[int]) -> np.ndarray:
+    if table.dtype == bool:  # concept probabilities vs presence
+        return np.array([auroc(out[:, k].numpy(), table[:, k]) for k in cols])
+    return np.array([float((out[:, k].numpy() == table[:, k]).mean()) for k in cols])  # read values vs factors
 
 
-def detector_aurocs(detector: Callable, images: torch.Tensor, presence: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(C,) the concept detector's AUROC per concept on ``images`` against the table ``presence``."""
-    presence = np.asarray(presence, dtype=bool)
-    return _det_aurocs(_detect(detector, images, batch), presence, range(presence.shape[1]))
+def detector_scores(detector: Callable, images: torch.Tensor, table: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(C,) the detector's validity metric per column of ``table`` on ``images``: AUROC of its concept
+    probabilities for a bool table, accuracy of the factor values it reads for an integer table."""
+    table = np.asarray(table)
+    return _det_aurocs(_detect(detector, images, batch), table, range(table.shape[1]))
 
 
 def run_depict(presence: np.ndarray, labels: Mapping[str, np.ndarray], classifiers: Mapping[str, Callable],
@@ -244,18 +251,20 @@ def run_depict(presence: np.ndarray, labels: Mapping[str, np.ndarray], classifie
     """DEPICT (steps 1-4 of the module docstring) for several classifiers on one concept table.
 
     Args:
-        presence: (N, C) bool concept table of the scenes (the real images' annotations).
+        presence: (N, C) table of the scenes (the real images' annotations): bool concept presence, or
+            integer factor values (then the detector reads values and is scored by accuracy).
         labels: classifier name -> (N,) int outcome labels of the real scenes (kept fixed under permutation).
         classifiers: name -> model mapping images to logits (N, K); K = 2 is scored by AUROC.
         generator: a ``SceneGenerator`` (the diffusion model, or an oracle); wrapped in ``SceneCache``
             unless ``cache`` (a ``SceneCache`` shared with another run, e.g. over more concepts) is given.
         concept_names: the C concept names; ``concepts``: indices to permute (default all).
-        detector: images -> (N, C) concept probabilities, for the validity checks (optional).
+        detector: images -> (N, C) concept probabilities (or read factor values), for the validity
+            checks (optional).
         real_images: the real scenes, for g's and the detector's real-vs-generated comparison (optional).
         permutations: P per concept (the paper: 25).
     """
     t0 = time.time()
-    presence = np.asarray(presence, dtype=bool)
+    presence = np.asarray(presence)
     n, c = presence.shape
     if len(concept_names) != c:
         raise ValueError(f"{len(concept_names)} concept names for a table of {c} concepts")
@@ -264,7 +273,7 @@ def run_depict(presence: np.ndarray, labels: Mapping[str, np.ndarray], classifie
     for name in names:
         if len(np.asarray(labels[name])) != n:
             raise ValueError(f"labels of {name!r} have {len(np.asarray(labels[name]))} rows, the table {n}")
-    if detector is not None:
+    if detector is not None and presence.dtype == bool:
         bad = [concept_names[k] for k in range(c) if presence[:, k].all() or not presence[:, k].any()]
         if bad:
             raise ValueError(f"the detector's AUROC needs each concept present and absent in some scene: {bad}")

@@ -23,11 +23,13 @@ from torch import nn
 
 from featinv.zoo.shapes import world as W
 
-__all__ = ["multi_caption", "RendererOracle", "presence_detector", "factor_reader", "target_classifier",
+__all__ = ["multi_caption", "RendererOracle", "FACTORS", "factor_table", "single_caption", "FactorOracle",
+           "factor_detector", "presence_detector", "factor_reader", "target_classifier",
            "target_labels", "target_truth", "concept_masks", "RendererEditor", "keyword_factor", "target_meta",
            "CONCEPTS", "TARGET_LAYER"]
 
 CONCEPTS = list(W.CONCEPTS)
+FACTORS = list(W.FACTORS)  # the captioned factors of single-object scenes: DEPICT's categorical columns
 TARGET_LAYER = "conv3"  # the target classifiers' last spatial map (8x8), where Grad-CAM reads
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
@@ -50,6 +52,36 @@ class RendererOracle:
 
     def __call__(self, presence: np.ndarray, scenes: np.ndarray) -> torch.Tensor:
         return W.render(W.permute(self.rows[np.asarray(scenes)], presence))
+
+
+def factor_table(rows: np.ndarray) -> np.ndarray:
+    """(N, 5) int: the captioned factor values of single-object rows (``FACTORS`` order) -- DEPICT's table
+    when a classifier of single-object scenes is explained by permuting factors instead of concepts."""
+    return np.stack([rows[f].astype(np.int64) for f in FACTORS], 1)
+
+
+def single_caption(values: np.ndarray) -> str:
+    """The grammar's caption of a factor-table row ("a small red triangle at the top left on a gray background")."""
+    row = np.zeros(1, W.SINGLE_DTYPE)
+    for f, v in zip(FACTORS, values):
+        row[f] = int(v)
+    return W.caption(row[0])
+
+
+class FactorOracle:
+    """DEPICT's oracle for single-object scenes: scene ``s`` with its captioned factors replaced by a table
+    row (position jitter and rotation kept), re-rendered."""
+
+    def __init__(self, rows: np.ndarray):
+        if W.mode_of(rows) != "single":
+            raise ValueError("FactorOracle takes single-object rows")
+        self.rows = rows
+
+    def __call__(self, table: np.ndarray, scenes: np.ndarray) -> torch.Tensor:
+        out = self.rows[np.asarray(scenes)].copy()
+        for k, f in enumerate(FACTORS):
+            out[f] = np.asarray(table)[:, k]
+        return W.render(out)
 
 
 def concept_masks(rows: np.ndarray) -> torch.Tensor:
@@ -141,6 +173,22 @@ class _Reader(nn.Module):
         from featinv.zoo.shapes.reader import read_factors
 
         return read_factors(images, self.net)[0]
+
+
+class _FactorValues(nn.Module):
+    def __init__(self, reader):
+        super().__init__()
+        self.reader = reader
+
+    @torch.no_grad()
+    def forward(self, images) -> torch.Tensor:
+        values = self.reader(images)
+        return torch.stack([values[f] for f in FACTORS], 1)
+
+
+def factor_detector(root: str | Path | None = None) -> nn.Module:
+    """DEPICT's detector for a factor table: images -> (N, 5) factor values read by the reader."""
+    return _FactorValues(factor_reader(root)).eval()
 
 
 def factor_reader(root: str | Path | None = None) -> nn.Module:
