@@ -137,7 +137,8 @@ class DepictModule(_Explainer):
         self.cfg = dict(split=split, n_scenes=n_scenes, permutations=permutations, concepts=concepts or SO.CONCEPTS)
         self.gen_cfg = dict(steps=steps, cfg_scale=cfg_scale, prior=prior if isinstance(prior, str) else None)
         self.gradcam_layer = gradcam_layer
-        self._gen, self._oracle = SceneCache(self.generator) if self.generator else None, SceneCache(SO.RendererOracle(self.rows))
+        self._gen = SceneCache(self.generator) if self.generator else None
+        self._oracle = SceneCache(SO.RendererOracle(self.rows))
 
     def identity(self) -> dict:
         gen = self.prior if self.prior is not None else self.generator
@@ -176,9 +177,10 @@ class DepictModule(_Explainer):
             concepts = res["oracle"].concepts
             for m in todo:
                 rank = [concepts[k] for k in np.argsort(-imp[m], kind="stable")]
-                rec = {**self.base(batch, b, m, name, fps[m]), "importance": dict(zip(concepts, imp[m].round(6).tolist())),
-                       "ranking": rank, "top": rank[0], "spearman_oracle": spearman(imp[m], imp["oracle"]),
-                       "top_agrees_oracle": int(rank[0] == res["oracle"].ranking(name)[0]), "truth": truth}
+                rec = {**self.base(batch, b, m, name, fps[m]), "ranking": rank, "top": rank[0],
+                       "importance": dict(zip(concepts, imp[m].round(6).tolist())),
+                       "spearman_oracle": spearman(imp[m], imp["oracle"]), "truth": truth,
+                       "top_agrees_oracle": int(rank[0] == res["oracle"].ranking(name)[0])}
                 if truth.get("concept") is not None:
                     rec["top1_hit"] = int(rank[0] == truth["concept"])
                 if m in res:
@@ -193,8 +195,8 @@ class DepictModule(_Explainer):
                                      extra={"grad-cam share": imp["gradcam"]} if "gradcam" in imp else None)
             self._figs.append(fig)
             pred["plots"][f"depict/{name}"] = fig
-            pred["tables"][f"depict/{name}"] = (["concept"] + list(imp), [[c] + [round(float(imp[m][k]), 4) for m in imp]
-                                                                        for k, c in enumerate(concepts)])
+            pred["tables"][f"depict/{name}"] = (["concept"] + list(imp), [
+                [c] + [round(float(imp[m][k]), 4) for m in imp] for k, c in enumerate(concepts)])
             pred["grids"][f"grids/{batch['dataset'][b]}_{int(batch['index'][b]):06d}.png"] = self._grid(res, name)
         pred["grid_caption"] = "rows: real | generated | top concept permuted (generated) | same (renderer)"
         return pred
@@ -212,9 +214,9 @@ class DepictModule(_Explainer):
         scenes, rows = np.arange(k), [self.images[:k]]
         top = SO.CONCEPTS.index((res.get("depict") or res["oracle"]).ranking(name)[0])
         table = permuted_table(self.presence, top, 0, self.seed)[:k]
-        for cache in ([self._gen] if "depict" in res else []) + [self._oracle]:
-            rows += [cache(self.presence[:k], scenes), cache(table, scenes)] if cache is self._gen else [cache(table, scenes)]
-        return comparison_grid(rows)
+        if "depict" in res:  # generated scenes, then the same with the top concept permuted
+            rows += [self._gen(self.presence[:k], scenes), self._gen(table, scenes)]
+        return comparison_grid(rows + [self._oracle(table, scenes)])
 
 
 class DiffExModule(_Explainer):
