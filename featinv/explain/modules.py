@@ -65,6 +65,7 @@ class _Explainer(AnalysisModule):
     """What both explainers share: classifier lookup, per-item fingerprints, figure bookkeeping."""
 
     methods: tuple[str, ...]
+    summary_fields: tuple[str, ...] = ()  # printed by `featinv predict` after the run
 
     def __init__(self, classifiers: dict | None):
         super().__init__()
@@ -108,6 +109,8 @@ class DepictModule(_Explainer):
         classifiers / labels / generator: Python objects instead of the zoo's target classifiers, their
             label functions (rows -> (N,) labels) and the prior (tests, custom worlds).
     """
+
+    summary_fields = ("top1_hit", "spearman_oracle", "generation_gap_max", "off_diagonal_max")
 
     def __init__(self, prior: str | nn.Module | None = "zoo:shapes-multi-sd", split: str = "test",
                  n_scenes: int = 200, permutations: int = 5, steps: int = 25, cfg_scale: float = 3.0,
@@ -234,6 +237,8 @@ class DiffExModule(_Explainer):
         methods: ``diffex`` (LEDITS++) and ``oracle`` (renderer edits).
         classifiers / editor: Python objects instead of the zoo's classifiers and the LEDITS++ editor.
     """
+
+    summary_fields = ("spearman", "recall", "parent_in_beam", "child_first", "edit_success", "edit_leakage")
 
     def __init__(self, sd: str = "shapes-sd", hierarchy: str = "configs/explain/hierarchy_shapes.yaml",
                  split: str = "test", n_images: int = 24, seeds: list[int] | None = None, beam_size: int = 3,
