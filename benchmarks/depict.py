@@ -222,7 +222,7 @@ def main():
     ap.add_argument("--classifiers", nargs="+", default=PRIMARY + MIXED)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1: the tiny models run fastest on one thread")
     ap.add_argument("--out", default="benchmarks/results/depict")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
