@@ -153,7 +153,9 @@ class FeatinvCLI(LightningCLI):
 
             wandb.finish()  # flush summary and history before the process exits
         records = R.read_dir(Path(out))
-        print("\n" + R.summary_table(records, extra=sorted({k for r in records for k in r if k.startswith("eval/")})))
+        extra = sorted({k for r in records for k in r if k.startswith("eval/")})
+        extra += list(getattr(self.model, "summary_fields", ()))  # an explainer's own headline numbers
+        print("\n" + R.summary_table(records, extra=extra))
 
 
 def make_wandb_logger(output_dir: str, wb: WandbSettings):

@@ -7,7 +7,8 @@ import yaml
 from featinv.cli import main
 from featinv.methods import make_method
 
-CONFIGS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if p.parent.name != "sweeps")
+CONFIGS = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")
+                 if p.parent.name != "sweeps" and not p.name.startswith("hierarchy_"))  # sweeps, DiffEx hierarchies
 
 
 def test_there_are_configs():

@@ -1,4 +1,6 @@
-"""Explaining a network with directions in a layer: EDDP (seed 001, arXiv 2509.23926) and its evaluation.
+"""Model-level explainers built on featinv's diffusion machinery and its worlds (seed systems 001-004).
+
+EDDP (seed 001, arXiv 2509.23926), directions in a layer and their evaluation:
 
 * ``eddp``: ``fit_eddp`` -> ``DirectionPairs`` (decoding directions W, thresholds b, signal vectors S);
 * ``losses`` / ``auglag``: the paper's losses and the augmented-Lagrangian helper;
@@ -11,7 +13,19 @@
   activation maximisation), ``layer_baselines``, ``eddp_world`` (``explain_layer``: the whole pipeline);
   ``eddp_shapes`` is the glue to the shapes world (``explain_classifier``, ``validate``);
 * ``eddp_module``: ``EDDPModule``, the Lightning layer (``featinv predict -c configs/explain/eddp.yaml``).
-Plain PyTorch (no Lightning / W&B) except ``eddp_module``.
+
+Concept importance through text-conditioned diffusion (seeds 003, 004):
+
+* ``depict``: DEPICT (Jabbour et al., ECCV 2024) -- permutation importance of concepts through a
+  text-conditioned generator; ``gradcam``: its pixel-attribution baseline (Captum Grad-CAM pooled
+  over concept masks);
+* ``diffex``: DiffEx (Kazimi et al., CVPR 2025) -- hierarchical semantics scored by text-guided edits;
+  ``ledits``: the LEDITS++ editor of diffusers, inverted once and reused across keywords;
+* ``shapes_oracles``: the shapes world's oracles, judges and target classifiers wired to both;
+* ``modules``: their Lightning layer (``DepictModule``, ``DiffExModule``) -- the only module here that
+  reaches Lightning.
+
+Plain PyTorch (no Lightning / W&B) everywhere but ``eddp_module`` and ``modules``.
 """
 from featinv.explain.dissection import dissection_iou, s1_score, s2_score
 from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp

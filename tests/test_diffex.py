@@ -1,0 +1,222 @@
+"""DiffEx (featinv.explain.diffex) at reduced size: beam search on a toy editor with a known answer, the
+renderer oracle on a planted classifier, edit quality, LEDITS++ on a tiny SD folder, the Lightning module."""
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from featinv.explain import shapes_oracles as SO
+from featinv.explain.diffex import EditScorer, Hierarchy, compare, edit_quality, run_diffex, spearman
+from featinv.zoo.shapes import world as W
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = {"domain": "toy", "categories": {
+    "a": {"template": "p-{}", "items": {"a1": ["x", "y"], "a2": ["z"]}},
+    "b": {"items": {"b1": ["u", {"v": "special v"}], "b2": ["w"]}}}}
+EFFECT = {"p-x": 0.1, "p-y": 0.9, "p-z": -0.2, "u": 0.05, "special v": -0.3, "w": 0.0}
+
+
+class ToyEditor:
+    """edit(prompts) -> images whose score is the mean effect of the prompts (+ a small seed term)."""
+
+    def __init__(self, n=3):
+        self.n, self.calls = n, []
+
+    def edit(self, prompts, seed=0):
+        self.calls.append((tuple(prompts), seed))
+        v = np.mean([EFFECT[p] for p in prompts]) + 0.001 * seed
+        return torch.full((self.n, 1, 2, 2), float(v))
+
+
+def toy_score(x):
+    return x.flatten(1).mean(1)
+
+
+def test_hierarchy_from_yaml_phrases_keywords():
+    h = Hierarchy.from_dict(TOY)
+    assert [n.name for n in h.level1] == ["a/a1", "a/a2", "b/b1", "b/b2"]
+    assert h.node("y").prompts == ("p-y",) and h.node("v").prompts == ("special v",)
+    assert h.node("a/a1").prompts == ("p-x", "p-y")  # an item is edited with all its keywords
+    shapes = Hierarchy.from_yaml(ROOT / "configs" / "explain" / "hierarchy_shapes.yaml")
+    assert len(shapes.leaves) == sum(len(v) for v in W.FACTORS.values())  # every factor value, once
+    assert {SO.keyword_factor(leaf.keyword) for leaf in shapes.leaves} == {
+        (f, i) for f, vals in W.FACTORS.items() for i in range(len(vals))}
+    assert shapes.node("center").prompts == ("a shape in the center",)
+    with pytest.raises(ValueError, match="categories"):
+        Hierarchy.from_dict({"domain": "x"})
+
+
+def test_beam_search_returns_the_true_leaf_first_and_memoises_edits():
+    h, ed = Hierarchy.from_dict(TOY), ToyEditor()
+    scorer = EditScorer(ed, toy_score, torch.zeros(3, 1, 2, 2), seeds=[0, 1])
+    r = run_diffex(h, scorer, beam_size=1, top_k=2)
+    assert r.beam == ["a/a1"] and r.level1["a/a1"] == pytest.approx(0.5005)
+    assert [p for p, _ in r.top] == ["a/a1/y", "a/a1/x"] and r.top[0][1] == pytest.approx(0.9005)
+    assert "b/b1/v" not in r.leaves  # outside the beam: never edited
+    assert len(ed.calls) == 2 * (4 + 2)  # 4 items + 2 keywords, 2 seeds each
+    r2 = run_diffex(h, scorer, beam_size=2, top_k=5, score_all_leaves=True)
+    assert r2.beam == ["a/a1", "a/a2"] and set(r2.all_leaves) == {n.name for n in h.leaves}
+    assert len(ed.calls) == 2 * (4 + 2 + 2)  # z and w share their item's edit (same prompts): only u, v are new
+    assert r2.all_leaves["b/b1/v"] == pytest.approx(-0.2995)
+    # min_delta drops items and keywords below it (|b1| = 0.125 and x = 0.1 are filtered)
+    assert [p for p, _ in run_diffex(h, scorer, beam_size=4, min_delta=0.25).top] == ["a/a1/y"]
+    json.dumps(r2.to_dict(), allow_nan=False)
+
+
+def test_exact_oracle_scores_an_item_by_its_strongest_keyword_and_compare():
+    h = Hierarchy.from_dict(TOY)
+
+    class Exact(ToyEditor):
+        exact = True
+
+        def edit(self, keyword, seed=0):
+            return super().edit([h.node(keyword).prompts[0]], seed)
+
+    oracle = run_diffex(h, EditScorer(Exact(), toy_score, torch.zeros(3, 1, 2, 2)), beam_size=1, score_all_leaves=True)
+    assert oracle.level1["a/a1"] == pytest.approx(0.9) and oracle.level1["b/b1"] == pytest.approx(-0.3)
+    assert oracle.seeds == [0]
+    diffex = run_diffex(h, EditScorer(ToyEditor(), toy_score, torch.zeros(3, 1, 2, 2), seeds=[0]), beam_size=1,
+                        top_k=2, score_all_leaves=True)
+    c = compare(diffex, oracle, lambda k: k.split("/")[0], used_threshold=0.25)
+    assert c["spearman"] == pytest.approx(1.0) and c["true_child"] == "a/a1/y" and c["true_parent"] == "a/a1"
+    assert c["parent_in_beam"] and c["child_first"] and c["used_factors"] == ["a", "b"] and c["recall"] == 0.5
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1) and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_edit_quality_counts_success_and_leakage_on_non_trivial_edits():
+    h = Hierarchy.from_dict({"categories": {"color": {"items": {"c": ["red", "blue"]}},
+                                            "size": {"items": {"s": ["small"]}}}})
+
+    class Pixels:  # image = (colour index, size index) in two pixels; "small" also resets the colour (leaks)
+        def edit(self, prompts, seed=0):
+            x = torch.zeros(4, 1, 1, 2)
+            x[:, 0, 0, 0] = {"red": 0, "blue": 4}.get(prompts[0], 0)
+            x[:, 0, 0, 1] = 1.0 if prompts[0] == "blue" else (0.0 if prompts[0] == "small" else 1.0)
+            return x
+
+    orig = torch.zeros(4, 1, 1, 2)
+    orig[:2, 0, 0, 0], orig[:, 0, 0, 1] = 4, 1  # images 0, 1 blue; all "medium" (1)
+    s = EditScorer(Pixels(), toy_score, orig, seeds=[0])
+    for leaf in h.leaves:
+        s.images(leaf, 0)
+
+    def read(x):
+        return {"color": x[:, 0, 0, 0].long(), "size": x[:, 0, 0, 1].long()}
+
+    q = edit_quality(s, orig, h.leaves, read, lambda k: {"red": ("color", 0), "blue": ("color", 4),
+                                                         "small": ("size", 0)}[k])
+    # red on 2 blue images, blue on 2 red images, small on 4 medium images: all succeed; small turns the
+    # two blue images red: 2 leaks of 8
+    assert q["edits"] == 8 and q["success"] == 1.0 and q["leakage"] == 0.25
+    assert q["per_factor"]["color"] == {"edits": 4, "success": 1.0, "leakage": 0.0}
+    assert q["per_factor"]["size"]["leakage"] == 0.5
+
+
+def test_renderer_oracle_explains_a_planted_colour_classifier():
+    h = Hierarchy.from_yaml(ROOT / "configs" / "explain" / "hierarchy_shapes.yaml")
+    x, rows = W.load_split("single", "val", 12)
+    reader = SO.factor_reader()
+
+    def p_red(images):  # a "classifier" that truly uses colour only: the reader's P(colour = red)
+        from featinv.zoo.shapes.reader import load_reader
+
+        net = p_red.net = getattr(p_red, "net", None) or load_reader()
+        return net.predict(images)["color"].softmax(1)[:, 0]
+
+    oracle = run_diffex(h, EditScorer(SO.RendererEditor(rows), p_red, x), beam_size=2, top_k=3,
+                        score_all_leaves=True)
+    assert oracle.top[0][0] == "color/warm/red" and oracle.top[0][1] > 0.5
+    assert "color/warm" in oracle.beam
+    assert all(abs(d) < 0.05 for k, d in oracle.all_leaves.items() if not k.startswith("color/"))
+    s = EditScorer(SO.RendererEditor(rows), p_red, x)
+    for leaf in h.leaves:
+        s.images(leaf, 0)
+    q = edit_quality(s, x, h.leaves, reader, SO.keyword_factor)  # exact edits, as the reader sees them
+    assert q["edits"] > 200 and q["success"] > 0.95 and q["leakage"] < 0.05
+    c = compare(oracle, oracle, lambda k: SO.keyword_factor(k.rsplit("/", 1)[-1])[0])
+    assert c["used_factors"] == ["color"] and c["recall"] == 1.0 and c["child_first"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    from _tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-shapes-sd"))
+
+
+def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_sd_dir):
+    from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
+
+    pipe = load_ledits_pipeline(tiny_sd_dir)
+    x, _ = W.load_split("single", "val", 3)
+    ed = LeditsEditor(pipe, x, steps=4, skip=0.25, batch=3, edit_guidance_scale=8.0)
+    a = ed.edit(["a red shape", "a blue shape"], seed=0)
+    b = ed.edit("a circle", seed=0)
+    c = ed.edit(["a red shape", "a blue shape"], seed=1)
+    assert ed.inversions == 2 and ed.edits == 3  # one inversion per seed, reused across keywords
+    assert a.shape == (3, 3, 32, 32) and torch.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
+    assert not torch.allclose(a, c, atol=1e-3)  # seeds give different edits
+    rec = ed.reconstruct(0)
+    assert not torch.allclose(a, rec, atol=1e-3) and not torch.allclose(b, rec, atol=1e-3)  # edits edit
+    torch.testing.assert_close(ed.edit(["a red shape", "a blue shape"], seed=0), a)  # deterministic
+    # batch-correct: each image edited alone (its own inversion, same per-image seed) gives the same edit
+    for i in (0, 2):
+        one = LeditsEditor(pipe, x[i:i + 1], ids=[i], steps=4, skip=0.25, batch=1, edit_guidance_scale=8.0)
+        torch.testing.assert_close(one.edit(["a red shape", "a blue shape"], seed=0), a[i:i + 1], atol=2e-4, rtol=0)
+
+
+class ColourProbe(nn.Module):
+    """A planted classifier over the single-object scenes: the reader's colour logits."""
+
+    def __init__(self):
+        super().__init__()
+        from featinv.zoo.shapes.reader import load_reader
+
+        self.net = load_reader()
+
+    def forward(self, x):
+        return self.net.predict(x.float().clamp(0, 1))["color"]
+
+
+def test_diffex_module_ledits_records_and_resume(tmp_path, tiny_sd_dir):
+    from featinv.callbacks import PredictionWriter, RunLogger
+    from featinv.data import TargetDataModule
+    from featinv.explain.modules import ClassifierTargets, DiffExModule
+
+    hier = tmp_path / "h.yaml"
+    hier.write_text("categories:\n  color:\n    template: 'a {} shape'\n    items: {warm: [red], cool: [blue]}\n"
+                    "  size:\n    template: 'a {} shape'\n    items: {small: [small]}\n")
+
+    def run():
+        m = DiffExModule(sd=str(tiny_sd_dir), hierarchy=str(hier), split="val", n_images=3, seeds=[0], beam_size=2,
+                         top_k=2, steps=3, skip=0.25, classifiers={"colour": ColourProbe()}, examples=3)
+        trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[PredictionWriter(tmp_path / "out"), RunLogger()])
+        dm = TargetDataModule([ClassifierTargets(["colour:0", "colour:4"], name="probe")], batch_size=1)
+        trainer.predict(m, datamodule=dm, return_predictions=False)
+        return m
+
+    m = run()
+    # one inversion; three prompt sets (each item shares its only keyword's edit), reused by the 2nd classifier
+    assert m.editor.inversions == 1 and m.editor.edits == 3
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {(r["classifier"], r["method"]) for r in recs} == {(c, k) for c in ("colour:0", "colour:4")
+                                                              for k in ("diffex", "oracle")}
+    by = {(r["classifier"], r["method"]): r for r in recs}
+    assert by[("colour:0", "oracle")]["top_keyword"] == "color/warm/red"
+    assert by[("colour:4", "oracle")]["top_keyword"] == "color/cool/blue"
+    d = by[("colour:0", "diffex")]
+    assert set(d["all_leaves"]) == {"color/warm/red", "color/cool/blue", "size/small/small"}
+    assert 0 <= d["edit_success"] <= 1 and 0 <= d["edit_leakage"] <= 1 and d["edits"] > 0
+    assert d["true_child"] == "color/warm/red" and d["true_parent"] == "color/warm"
+    assert d["spearman"] is None or -1 <= d["spearman"] <= 1
+    assert (tmp_path / "out" / "plots" / "diffex_colour:0.png").is_file()
+    assert len(list((tmp_path / "out" / "grids").glob("*.png"))) == 2
+    m2 = run()  # resume: both classifiers' records are there; nothing is inverted or edited
+    assert m2.editor.inversions == 0 and m2.editor.edits == 0
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
