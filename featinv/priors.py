@@ -58,7 +58,9 @@ class Prior(nn.Module):
     latent_shape: tuple[int, int, int]
     prediction_type: str = "epsilon"
     x0_range: float | None = None
-    text_encoder: nn.Module | None = None
+    # annotation only: a class-level default would shadow the submodule nn.Module registers in _modules
+    # (prior.text_encoder would read None); _init_text always sets it
+    text_encoder: nn.Module | None
     tokenizer = None
     cfg_scale: float = 1.0
 
