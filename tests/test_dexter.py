@@ -355,3 +355,27 @@ def test_featinv_predict_writes_records_and_resume_skips_them(registered, tmp_pa
     assert (out / R.RESULTS).stat().st_mtime_ns == mtime
     with pytest.raises(SystemExit):  # another configuration in the same directory is refused
         main(["predict", "-c", str(write_config(tmp_path / "other.yaml", out, steps=4))])
+
+
+def test_module_diffexplainer_mode_and_hidden_unit(registered):
+    """The soft-token mode and the hidden-unit objective through the module's predict_step."""
+    from torch.utils.data import default_collate
+
+    from featinv.explain.dexter_module import ClassTargets, DexterModule
+
+    ds = ClassTargets(["dxtest:1"], classes=[2], world=None, name="tiny")
+    batch = default_collate([ds[0]])
+    cfg = {"steps": 3, "sample_steps": 2, "batch": 1, "score_samples": 4}
+    for kw in ({}, {"unit": 3, "layer": "body.4"}):
+        m = DexterModule(prior="dxtest:prior", mode="diffexplainer", world="shapes", reader=FakeReader(), config=cfg,
+                         samples_shown=2, **kw)
+        pred = m.predict_step(batch, 0)
+        (rec,) = pred["records"]
+        assert rec["method"] == "diffexplainer" and len(rec["words"]) == 6 and rec["steps_run"] == 3
+        assert 0 <= rec["activation_score_words"] <= 1 and rec["n_frames"] >= 0
+        trace = pred["tables"]["prompt_trace/tiny_0000"]
+        assert trace[0] == ["step", "words", "loss", "hit_rate", "value"] and len(trace[1]) == 3
+        if kw:  # the hidden unit's activation is what is maximised: loss = -value
+            assert all(r[2] == pytest.approx(-r[4], abs=1e-4) for r in trace[1])
+    with pytest.raises(ValueError, match="unit"):
+        DexterModule(prior="dxtest:prior", mode="dexter", unit=3, layer="body.4", reader=None)

@@ -98,8 +98,8 @@ class DexterModule(AnalysisModule):
                  layer: str | None = None, seed: int = 0, name: str | None = None, frames_shown: int = 16,
                  samples_shown: int = 16):
         super().__init__()
-        self.save_hyperparameters(ignore=[k for k, v in (("prior", prior), ("mlm", mlm), ("template", template))
-                                          if not isinstance(v, (str, dict, type(None)))])
+        objects = (("prior", prior), ("mlm", mlm), ("template", template), ("reader", reader))
+        self.save_hyperparameters(ignore=[k for k, v in objects if not isinstance(v, (str, dict, type(None)))])
         if mode not in MODES:
             raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
         cfg_cls = DexterConfig if mode == "dexter" else DiffExplainerConfig
