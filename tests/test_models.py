@@ -260,6 +260,31 @@ def test_latent_prior_from_pretrained_end_to_end(tiny_sd_dir):
     assert torch.isfinite(r.final_cos).all() and r.distances.shape[0] == 2
 
 
+def test_per_sample_conditioning_with_cfg_and_gradients(tiny_sd_dir):
+    """eps(z, t, cond) takes one prompt embedding per sample, mixes CFG, and passes gradients to cond."""
+    from featinv.priors import LatentPrior
+
+    prior = LatentPrior.from_pretrained(str(tiny_sd_dir), cfg_scale=3.0)
+    assert prior.text_encoder is not None and prior.text_encoder is prior._modules["text_encoder"]
+    cond = prior.encode_prompt(["a b", "c"])
+    assert cond.shape == (2, 16, 8) and not torch.allclose(cond[0], cond[1])
+    torch.testing.assert_close(prior.encode_prompt([""]), prior.cond)  # the default is the empty prompt
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        both = prior.eps(z, 50, cond)
+        one = prior.eps(z[1:], 50, cond[1:])
+        u = prior.unet(z, torch.tensor([50, 50]), encoder_hidden_states=prior.uncond.expand(2, -1, -1)).sample
+        c = prior.unet(z, torch.tensor([50, 50]), encoder_hidden_states=cond).sample
+    torch.testing.assert_close(both[1:], one, atol=1e-5, rtol=1e-4)  # per sample: row 1 alone = row 1 in batch
+    torch.testing.assert_close(both, u + 3.0 * (c - u), atol=1e-5, rtol=1e-4)  # classifier-free guidance
+    emb = cond.clone().requires_grad_(True)
+    prior.eps(z, 50, emb).pow(2).sum().backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    r = featinv.invert(torch.rand(2, 3, 16, 16), prior=prior, encoder=build("timm:test_resnet", pretrained=False),
+                       method="unguided", steps=2, cond=["a b", "c"])
+    assert torch.isfinite(r.images).all()
+
+
 def test_pixel_prior_from_pretrained(tmp_path, tiny_clip):
     from featinv.priors import PixelPrior
 
