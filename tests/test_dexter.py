@@ -379,3 +379,25 @@ def test_module_diffexplainer_mode_and_hidden_unit(registered):
             assert all(r[2] == pytest.approx(-r[4], abs=1e-4) for r in trace[1])
     with pytest.raises(ValueError, match="unit"):
         DexterModule(prior="dxtest:prior", mode="dexter", unit=3, layer="body.4", reader=None)
+
+
+def test_notebook_executes_reduced(monkeypatch):
+    """notebooks/05_dexter.ipynb at reduced size on the trained shapes world (skipped without its weights)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from featinv.zoo.shapes import shapes_sd_dir, targets
+
+    try:
+        shapes_sd_dir()
+        targets.load_model("biased-shape-bg")
+    except (FileNotFoundError, KeyError) as e:
+        pytest.skip(f"the trained shapes world is not in this checkout: {e}")
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "notebooks" / "05_dexter.ipynb", as_version=4)
+    monkeypatch.setenv("FEATINV_NB_FAST", "1")
+    monkeypatch.setenv("FEATINV_NB_THREADS", "1")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "explanation words:" in text and "activation score" in text and "nearest words:" in text
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 1
