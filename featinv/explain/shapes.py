@@ -72,7 +72,7 @@ def classifier_info(name: str) -> dict:
     world = _world()
     if name.startswith("zoo:"):
         name = name[4:]
-    name = name.removeprefix("shapes-target-").split("@")[0]
+    name = name.removeprefix("shapes-target-").split("?")[0].split("@")[0]
     if name in targets.BIASED:
         label, bias, mapping = targets.BIASED[name]
         return dict(name=name, label_factor=label, classes=list(world.FACTORS[label]), bias_factor=bias,
