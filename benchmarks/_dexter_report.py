@@ -23,14 +23,14 @@ def _table(cols, rows):
 def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     dex = [r for r in rows if r["mode"] == "dexter"]
     dif = [r for r in rows if r["mode"] == "diffexplainer"]
-    L = [f"# DEXTER / DiffExplainer on the shapes world's target classifiers (issue 15)\n",
+    L = ["# DEXTER / DiffExplainer on the shapes world's target classifiers (issue 15)\n",
          f"Commit `{meta['commit']}`; command `{meta['command']}`; seed {meta['seed']} (DEXTER's soft prompt, "
          f"Gumbel draws and fixed noise seeds {meta['seed']}..; activation-score samples seeds 10000+; AM baselines "
          f"seeds 20000+); machine: {meta['machine']}; torch {meta['torch']}; wall time {meta['seconds']} s"
          + (" (SMOKE: random-init models, plumbing only)" if meta.get("smoke") else "") + ".\n",
          "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
          "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "
-         "readings (docs/explain.md). Hyper-parameters were chosen on one validation class per classifier "
+         "readings (docs/dexter.md). Hyper-parameters were chosen on one validation class per classifier "
          f"(`{val['meta']['command']}`, commit `{val['meta']['commit']}`); this page reports the two test classes "
          "per classifier (disjoint, seeded draw).\n",
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]

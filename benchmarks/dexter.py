@@ -2,6 +2,7 @@
 
     python benchmarks/dexter.py --phase val      # choose hyper-parameters on the validation classes
     python benchmarks/dexter.py --phase test     # report with the chosen ones on the test classes
+    python benchmarks/dexter.py --phase val --smoke --quick --limit 1   # CI-sized plumbing check (random models)
 
 Every single-object target classifier of the shapes world (``featinv.zoo.shapes.targets``: 4 with a
 planted bias, 4 unbiased) contributes one *validation* class and two *test* classes (a seeded draw,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import platform
@@ -41,8 +41,7 @@ from _common import commit  # noqa: E402
 from featinv.contract import make_generators  # noqa: E402
 from featinv.explain.dexter import DexterConfig, candidate_words, run_dexter  # noqa: E402
 from featinv.explain.diffexplainer import DiffExplainerConfig, run_diffexplainer  # noqa: E402
-from featinv.explain.prompt import SlotTextEncoder  # noqa: E402
-from featinv.explain.score import ClassTarget, sample_from  # noqa: E402
+
 from featinv.explain.shapes import TEMPLATE, class_words, classifier_info, load_shapes_mlm  # noqa: E402
 from featinv.methods import get_method  # noqa: E402
 from featinv.objectives import ClassLogit  # noqa: E402
@@ -128,15 +127,11 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
     kw = dict(reader=reader, factors=factors, class_factor=factor)
     if mode == "dexter":
         res = run_dexter(prior, clf, k, mlm=mlm, template=TEMPLATE, config=DexterConfig(**cfg, seed=seed), **kw)
-        cond = SlotTextEncoder(prior.text_encoder, prior.tokenizer, TEMPLATE, candidate_words(mlm, prior.tokenizer),
-                               dtype=prior.dtype).encode_words(res.words).detach()
-        steps, cfg_scale = cfg["sample_steps"], cfg["cfg_scale"]
     else:
         words = candidate_words(mlm, prior.tokenizer)
         res = run_diffexplainer(prior, clf, TEMPLATE, words, target_class=k,
                                 config=DiffExplainerConfig(**cfg, seed=seed), **kw)
-        cond, steps, cfg_scale = res.cond, cfg["sample_steps"], cfg["cfg_scale"]
-    samples = sample_from(prior, cond, 100, steps=steps, cfg_scale=cfg_scale, seed=10_000 + seed)
+    samples = res.activation["images"]  # the activation score's samples of the final prompt
     rep = res.report
     truth = info["bias_factor"]
     row = dict(classifier=name, class_index=k, class_name=value, class_factor=factor, bias_factor=truth or "",
@@ -206,7 +201,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="only the first N classifiers (quick checks)")
     ap.add_argument("--smoke", action="store_true", help="random-init prior and classifiers (plumbing check only)")
+    ap.add_argument("--quick", action="store_true", help="3 optimisation steps, 8 samples per score / baseline (CI)")
     a = ap.parse_args()
+    if a.quick:
+        global N_AM
+        N_AM = 8
+        for c in list(CONFIGS.values()) + [DIFFEXPLAINER]:
+            c.update(steps=3, score_samples=8)
     torch.set_num_threads(a.threads)
     t_start = time.time()
     prior, reader, mlm, load_clf = load_world(a.smoke)
@@ -216,7 +217,7 @@ def main():
     parts = a.parts.split(",")
     clfs = {n: load_clf(n).to(prior.device) for n in names}
     command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
-    meta = dict(commit=commit(), command=command, seed=a.seed, phase=a.phase, smoke=a.smoke,
+    meta = dict(commit=commit(), command=command, seed=a.seed, phase=a.phase, smoke=a.smoke, quick=a.quick,
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {a.threads}",
                 torch=torch.__version__, split=split)
     if a.phase == "val":
@@ -250,7 +251,8 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
                 info = classifier_info(name)
                 method = get_method("fast", name="guided", steps=25, recurrence=1, early_steps=0, weight=w,
                                     objective=ClassLogit(k))
-                res = method(prior, clfs[name], torch.zeros(32, len(info["classes"])), make_generators(range(32)))
+                n = min(32, N_AM)
+                res = method(prior, clfs[name], torch.zeros(n, len(info["classes"])), make_generators(range(n)))
                 with torch.no_grad():
                     s.append(float((clfs[name](res.images).argmax(1) == k).float().mean()))
             guided[w] = float(np.mean(s))

@@ -84,7 +84,7 @@ class DexterResult:
     trace: list[dict]  # one row per step: restart, step, words, targets, ce, mlm, hit rate, value
     seconds: float
     nfe: int  # UNet evaluations (forward) while optimising, CFG doubling included
-    activation: dict = field(default_factory=dict)  # run_dexter: activation score of ``prompt``
+    activation: dict = field(default_factory=dict)  # run_dexter: activation score of ``prompt`` (+ its samples)
     report: object = None  # run_dexter with a reader: featinv.explain.reporter.Report
 
 
@@ -216,7 +216,7 @@ def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template,
         cond = SlotTextEncoder(prior.text_encoder, prior.tokenizer, template, candidate_words(mlm, prior.tokenizer),
                                dtype=prior.dtype).to(prior.device).encode_words(res.words)
     res.activation = activation_score(prior, target, cond, n=cfg.score_samples, steps=cfg.sample_steps,
-                                      cfg_scale=cfg.cfg_scale, seed=10_000 + cfg.seed)
+                                      cfg_scale=cfg.cfg_scale, seed=10_000 + cfg.seed, return_images=True)
     if reader is not None:
         from featinv.explain.reporter import read_frames, report
 

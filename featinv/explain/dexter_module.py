@@ -231,7 +231,7 @@ class DexterModule(AnalysisModule):
                 ["factor", "top value", "frequency", "base rate", "excess", "flagged"], rep.rows())
         pred["tables"][f"prompt_trace/{dataset}_{index:04d}"] = (trace_cols, [[r[c] for c in trace_cols] for r in res.trace])
         # images: frames (what the reporter read) and samples of the final prompt (the activation score's)
-        samples = _samples(self, res, k)
+        samples = res.activation["images"]  # the activation score's samples of the final prompt
         rec["image"] = R.sample_path(dataset, index, self.method)
         pred["images"][rec["image"]] = comparison_grid([samples[: self.samples_shown]])
         if len(res.frames):
@@ -241,21 +241,6 @@ class DexterModule(AnalysisModule):
         pred["grids"][f"{R.GRIDS}/{dataset}_{index:06d}.png"] = comparison_grid(_same_width(rows))
         pred["grid_caption"] = f"{spec} class {batch['class_name'][b]!r}: samples of '{res.prompt}' | last frames"
         pred["records"].append(rec)
-
-
-def _samples(module: DexterModule, res, k: int) -> torch.Tensor:
-    from featinv.explain.score import sample_from
-
-    cond = res.cond if hasattr(res, "cond") else None
-    if cond is None:
-        from featinv.explain.prompt import SlotTextEncoder
-
-        text = SlotTextEncoder(module.prior.text_encoder, module.prior.tokenizer, module.template,
-                               candidate_words(module.mlm, module.prior.tokenizer), dtype=module.prior.dtype)
-        with torch.no_grad():
-            cond = text.to(module.device).encode_words(res.words)
-    return sample_from(module.prior, cond, module.samples_shown, steps=module.cfg.sample_steps,
-                       cfg_scale=module.cfg.cfg_scale, seed=10_000 + module.seed)
 
 
 def _same_width(rows: list[torch.Tensor]) -> list[torch.Tensor]:

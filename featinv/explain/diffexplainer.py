@@ -124,7 +124,7 @@ def run_diffexplainer(prior, target, template: Template, words: list[str], *, ta
         target = ClassTarget(target, target_class, loss=cfg.loss)
     res = diffexplainer(prior, target, template, words, cfg, callback=callback)
     kw = dict(n=cfg.score_samples, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=10_000 + cfg.seed)
-    res.activation = activation_score(prior, target, res.cond.to(prior.device), **kw)
+    res.activation = activation_score(prior, target, res.cond.to(prior.device), return_images=True, **kw)
     with torch.no_grad():
         text = SlotTextEncoder(prior.text_encoder, prior.tokenizer, template, words, dtype=prior.dtype).to(prior.device)
         res.activation_words = activation_score(prior, target, text.encode_words(res.words), **kw)
