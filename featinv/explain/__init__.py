@@ -25,7 +25,15 @@ Concept importance through text-conditioned diffusion (seeds 003, 004):
 * ``modules``: their Lightning layer (``DepictModule``, ``DiffExModule``) -- the only module here that
   reaches Lightning.
 
-Plain PyTorch (no Lightning / W&B) everywhere but ``eddp_module`` and ``modules``.
+DiffExplainer (arXiv 2404.02618) and DEXTER (arXiv 2510.14741):
+
+* ``unrolled``: a few-step DDIM sampler unrolled with gradients to the conditioning;
+* ``prompt``: template slots -> the prior's text encoder (one-hot x translation x token embeddings, soft tokens);
+* ``mlm``: a word-level masked LM with a soft prompt; ``dexter``: DEXTER's optimisation (``run_dexter``);
+* ``diffexplainer``: soft-token optimisation (``run_diffexplainer``); ``score``: targets and the activation score;
+* ``reporter``: the deterministic stand-in for DEXTER's VLM/LLM report; ``shapes``: the shapes world's grammar.
+
+Plain PyTorch (no Lightning / W&B) everywhere but ``eddp_module``, ``modules`` and ``dexter_module``.
 """
 from featinv.explain.dissection import dissection_iou, s1_score, s2_score
 from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp

@@ -1,0 +1,98 @@
+"""Markdown of benchmarks/dexter.py (tables stamped with commit, command, seeds, machine)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _f(x, nd=2):
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _table(cols, rows):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_f(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
+    dex = [r for r in rows if r["mode"] == "dexter"]
+    dif = [r for r in rows if r["mode"] == "diffexplainer"]
+    L = ["# DEXTER / DiffExplainer on the shapes world's target classifiers (issue 15)\n",
+         f"Commit `{meta['commit']}`; command `{meta['command']}`; seed {meta['seed']} (DEXTER's soft prompt, "
+         f"Gumbel draws and fixed noise seeds {meta['seed']}..; activation-score samples seeds 10000+; AM baselines "
+         f"seeds 20000+); machine: {meta['machine']}; torch {meta['torch']}; wall time {meta['seconds']} s"
+         + (" (SMOKE: random-init models, plumbing only)" if meta.get("smoke") else "") + ".\n",
+         "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
+         "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "
+         "readings (docs/dexter.md). Hyper-parameters were chosen on one validation class per classifier "
+         f"(`{val['meta']['command']}`, commit `{val['meta']['commit']}`); this page reports the two test classes "
+         "per classifier (disjoint, seeded draw).\n",
+         f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
+    # validation table
+    L.append("## Validation (one class per classifier, 8 runs per config)\n")
+    vc = ["config", "mean activation", "bias P (run)", "bias R (run)", "bias F1", "class word (unbiased)", "seconds",
+          "selection = act + F1"]
+    L.append(_table(vc, [[c, s["activation"], s["run_precision"], s["run_recall"], s["run_f1"], s["class_word"],
+                          s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
+    if val.get("guided"):
+        L.append("\nGuided AM (25 steps, 32 images per class) success on validation by weight: "
+                 + ", ".join(f"w={w}: {v:.2f}" for w, v in val["guided"].items()) + "\n")
+    # headline
+    L.append("\n## Test: what must hold\n")
+    if dex:
+        act = np.array([r["activation_score"] for r in dex])
+        prf = bias_prf(dex)
+        unb = [r for r in dex if not r["bias_factor"]]
+        cw = float(np.mean([r["class_word"] for r in unb])) if unb else float("nan")
+        am = {m: float(np.mean([r[f"{m}_success"] for r in dex])) for m in ("pixel", "fourier", "guided")
+              if f"{m}_success" in dex[0]}
+        amr = {m: float(np.mean([r[f"{m}_reader_class"] for r in dex])) for m in am}
+        hold = [["activation score >= 0.8 (mean over runs)", f"{act.mean():.2f}", _f(bool(act.mean() >= 0.8))],
+                ["runs with activation score >= 0.8", f"{int((act >= 0.8).sum())}/{len(act)}", ""],
+                ["activation score above every AM baseline's success rate",
+                 f"{act.mean():.2f} vs " + ", ".join(f"{m} {v:.2f}" for m, v in am.items()),
+                 _f(bool(am) and all(act.mean() > v for v in am.values()))],
+                ["bias precision >= 0.75 (classifier level)", _f(prf["clf_precision"]), _f(prf["clf_precision"] >= 0.75)],
+                ["bias recall >= 0.75 (classifier level)", _f(prf["clf_recall"]), _f(prf["clf_recall"] >= 0.75)],
+                ["bias precision / recall (run level)", f"{_f(prf['run_precision'])} / {_f(prf['run_recall'])}",
+                 _f(prf["run_precision"] >= 0.75 and prf["run_recall"] >= 0.75)],
+                ["class word in DEXTER's prompt (unbiased classifiers)", _f(cw), _f(cw == 1.0)]]
+        L.append(_table(["criterion", "measured", "holds"], hold))
+        L.append("\nReader check (the independent shapes reader reads the class value in the images): DEXTER "
+                 f"prompt samples {np.mean([r['reader_class'] for r in dex]):.2f}; "
+                 + ", ".join(f"{m} AM {v:.2f}" for m, v in amr.items()) + ".\n")
+        L.append(f"Bias counts: run level TP {prf['run_tp']}, FP {prf['run_fp']}, FN {prf['run_fn']}; "
+                 f"classifier level (a factor flagged in >= half of a classifier's runs) TP {prf['clf_tp']}, "
+                 f"FP {prf['clf_fp']}, FN {prf['clf_fn']}.\n")
+        # per run
+        L.append("## Test runs (DEXTER)\n")
+        cols = ["classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames", "flags",
+                "class word", "pixel", "fourier", "guided", "s"]
+        L.append(_table(cols, [[r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"
+                                                                    if r["bias_factor"] else "-"),
+                                r["words"], r["activation_score"], r["reader_class"], r["n_frames"], r["flags"] or "-",
+                                r["class_word"], r.get("pixel_success", float("nan")),
+                                r.get("fourier_success", float("nan")), r.get("guided_success", float("nan")),
+                                r["seconds"]] for r in dex]))
+    if dif:
+        L.append("\n## Test runs (DiffExplainer, soft tokens)\n")
+        prf = bias_prf(dif)
+        L.append(f"Mean activation score of the soft conditioning {np.mean([r['activation_score'] for r in dif]):.2f}, "
+                 f"of its nearest-word prompt {np.mean([r['activation_score_words'] for r in dif]):.2f}; bias P/R "
+                 f"(classifier level) {_f(prf['clf_precision'])} / {_f(prf['clf_recall'])}.\n")
+        cols = ["classifier", "class", "nearest words", "act. score (soft)", "act. score (words)", "frames", "flags"]
+        L.append(_table(cols, [[r["classifier"], r["class_name"], r["words"], r["activation_score"],
+                                r["activation_score_words"], r["n_frames"], r["flags"] or "-"] for r in dif]))
+    if clf_meta:
+        L.append("\n## The classifiers (featinv/zoo/weights/meta.json)\n")
+        cols = ["classifier", "test acc.", "bias-aligned acc.", "bias-conflicting acc."]
+        L.append(_table(cols, [[n, m.get("test_accuracy", float("nan")), m.get("test_accuracy_bias_aligned", "-"),
+                                m.get("test_accuracy_bias_conflicting", "-")]
+                               for n, m in clf_meta.items() if n.startswith(("biased", "unbiased"))]))
+    return "\n".join(L) + "\n"

@@ -1,0 +1,336 @@
+"""DEXTER / DiffExplainer on the shapes world's target classifiers, against activation maximisation.
+
+    python benchmarks/dexter.py --phase val      # choose hyper-parameters on the validation classes
+    python benchmarks/dexter.py --phase test     # report with the chosen ones on the test classes
+    python benchmarks/dexter.py --phase val --smoke --quick --limit 1   # CI-sized plumbing check (random models)
+
+Every single-object target classifier of the shapes world (``featinv.zoo.shapes.targets``: 4 with a
+planted bias, 4 unbiased) contributes one *validation* class and two *test* classes (a seeded draw,
+disjoint). For each (classifier, class):
+
+* DEXTER (``featinv.explain.dexter.run_dexter``): the explanation words, the activation score of the final
+  prompt (share of 100 samples classified as the class; the authors' metric) and the share of those
+  samples the independent shapes reader reads as the class value; the reporter's flags over the frames;
+* AM baselines on the same classifier and class, 100 images each: ``pixel`` and ``fourier`` (featinv's
+  optimisation baselines) and ``guided`` (featinv's guided sampler on the empty-prompt prior), all with a
+  ``ClassLogit`` objective; success = share classified as the class (and the reader's class rate);
+* optionally DiffExplainer (``--parts ...,diffexplainer``): soft tokens, scored like DEXTER.
+
+Validation: every config of ``CONFIGS`` (and the guided baseline's weights) on the 8 validation classes;
+the chosen config maximises mean activation score + bias-detection F1 (run level); written to
+``<out>_val.json``, which ``--phase test`` reads. Outputs: ``<out>.md`` (tables stamped with commit,
+command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``, ``<out>_grid.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import commit  # noqa: E402
+
+from featinv.contract import make_generators  # noqa: E402
+from featinv.explain.dexter import DexterConfig, candidate_words, run_dexter  # noqa: E402
+from featinv.explain.diffexplainer import DiffExplainerConfig, run_diffexplainer  # noqa: E402
+
+from featinv.explain.shapes import TEMPLATE, class_words, classifier_info, load_shapes_mlm  # noqa: E402
+from featinv.methods import get_method  # noqa: E402
+from featinv.objectives import ClassLogit  # noqa: E402
+
+CLASSIFIERS = ["biased-shape-bg", "biased-color-bg", "biased-shape-color", "biased-size-bg",
+               "unbiased-shape", "unbiased-color", "unbiased-size", "unbiased-position"]
+# candidate DEXTER configs for validation (DexterConfig fields); "authors" = the paper's defaults scaled down
+CONFIGS = {
+    "authors": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=1.0, batch=2),
+    "cfg3": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=3.0, batch=2),
+    "mlm0.3": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=0.3, sample_steps=8, cfg_scale=1.0, batch=2),
+    "k4": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=4, cfg_scale=1.0, batch=2),
+}
+GUIDED_WEIGHTS = [4.0, 16.0]
+DIFFEXPLAINER = dict(steps=100, lr=0.05, sample_steps=8, cfg_scale=1.0, batch=2, loss="logit")
+N_AM = 100  # images per AM baseline
+
+
+def split_classes(seed: int = 0) -> dict[str, dict[str, list[int]]]:
+    """Per classifier: one validation class and two test classes, a seeded draw without overlap."""
+    out = {}
+    for i, name in enumerate(CLASSIFIERS):
+        n = len(classifier_info(name)["classes"])
+        perm = np.random.default_rng([seed, i]).permutation(n).tolist()
+        out[name] = {"val": perm[:1], "test": perm[1:3]}
+    return out
+
+
+def load_world(smoke: bool):
+    """Prior, reader, masked LM and a classifier loader (``--smoke``: random-init prior and classifiers)."""
+    from featinv.specs import build_encoder, build_prior
+    from featinv.zoo.shapes.judges import Judge
+
+    mlm, _ = load_shapes_mlm()
+    reader = Judge("shapes-reader")
+    if not smoke:
+        return build_prior("zoo:shapes-sd"), reader, mlm, lambda n: build_encoder(f"zoo:shapes-target-{n}")
+    from featinv.encoders import Encoder
+    from featinv.priors import LatentPrior
+    from featinv.zoo.shapes import sd, targets, text
+
+    torch.manual_seed(0)
+    tok = text.build_tokenizer()
+    prior = LatentPrior(sd.build_unet(), sd.build_vae(), sd.build_scheduler(),
+                        text_encoder=sd.build_text_encoder(len(tok)), tokenizer=tok)
+    return prior, reader, mlm, lambda n: Encoder(targets.build(n).eval(), None, name=n)
+
+
+def reader_rate(reader, images: torch.Tensor, factor: str, value: int) -> float:
+    read = reader.read(images)
+    return float((read[factor][0] == value).float().mean())
+
+
+def am_baselines(prior, clf, k: int, reader, info: dict, guided_weight: float, seed: int, n: int) -> dict:
+    out = {}
+    n_cls = len(info["classes"])
+    for name in ("pixel", "fourier", "guided"):
+        kw = dict(objective=ClassLogit(k))
+        if name == "guided":
+            method = get_method("fast", name="guided", steps=25, recurrence=1, early_steps=0, weight=guided_weight, **kw)
+        else:
+            method = get_method(name, **kw)
+        t0 = time.time()
+        imgs = []
+        for i in range(0, n, 50):
+            m = min(50, n - i)
+            res = method(prior, clf, torch.zeros(m, n_cls), make_generators(range(seed + i, seed + i + m)))
+            imgs.append(res.images)
+        imgs = torch.cat(imgs)
+        with torch.no_grad():
+            hit = (clf(imgs).argmax(1) == k).float().mean().item()
+        out[name] = dict(success=hit, reader_class=reader_rate(reader, imgs, info["label_factor"], k),
+                         seconds=round(time.time() - t0, 1), images=imgs[:8])
+    return out
+
+
+def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, seed: int) -> dict:
+    info = classifier_info(name)
+    factor, value = info["label_factor"], info["classes"][k]
+    from featinv.zoo.shapes import FACTORS
+
+    factors = {f: list(v) for f, v in FACTORS.items()}
+    kw = dict(reader=reader, factors=factors, class_factor=factor)
+    if mode == "dexter":
+        res = run_dexter(prior, clf, k, mlm=mlm, template=TEMPLATE, config=DexterConfig(**cfg, seed=seed), **kw)
+    else:
+        words = candidate_words(mlm, prior.tokenizer)
+        res = run_diffexplainer(prior, clf, TEMPLATE, words, target_class=k,
+                                config=DiffExplainerConfig(**cfg, seed=seed), **kw)
+    samples = res.activation["images"]  # the activation score's samples of the final prompt
+    rep = res.report
+    truth = info["bias_factor"]
+    row = dict(classifier=name, class_index=k, class_name=value, class_factor=factor, bias_factor=truth or "",
+               bias_value=info["bias_values"][k] if truth else "", mode=mode, words=" ".join(res.words),
+               prompt=res.prompt, activation_score=res.activation["score"],
+               reader_class=reader_rate(reader, samples, factor, k),
+               n_frames=len(res.frames), flags=";".join(f"{f.factor}={f.value}" for f in rep.flags),
+               bias_found=(truth in rep.flagged_factors) if truth else "",
+               bias_value_found=any(f.factor == truth and f.value == info["bias_values"][k] for f in rep.flags) if truth else "",
+               false_flags=sum(f != truth for f in rep.flagged_factors),
+               class_word=_contains(list(res.words), class_words(factor, value)),
+               steps_run=len(res.trace), seconds=round(res.seconds, 1))
+    if mode == "diffexplainer":
+        row["activation_score_words"] = res.activation_words["score"]
+    return row, samples[:8], res.frames[-8:]
+
+
+def _contains(words, phrase):
+    n = len(phrase)
+    return any(words[i:i + n] == phrase for i in range(len(words) - n + 1))
+
+
+def bias_prf(rows: list[dict]) -> dict:
+    """Run level: TP = a biased classifier's run flags its bias factor; FP = every other flagged factor;
+    FN = a biased run that misses it. Classifier level: a factor counts as flagged for a classifier if
+    flagged in the majority (>= half) of its runs."""
+    tp = sum(1 for r in rows if r["bias_factor"] and r["bias_found"] is True)
+    fn = sum(1 for r in rows if r["bias_factor"] and r["bias_found"] is not True)
+    fp = sum(r["false_flags"] for r in rows)
+    out = dict(run_tp=tp, run_fp=fp, run_fn=fn, run_precision=tp / (tp + fp) if tp + fp else float("nan"),
+               run_recall=tp / (tp + fn) if tp + fn else float("nan"))
+    by = {}
+    for r in rows:
+        by.setdefault(r["classifier"], []).append(r)
+    ctp = cfp = cfn = 0
+    for name, rs in by.items():
+        counts = {}
+        for r in rs:
+            for f in r["flags"].split(";") if r["flags"] else []:
+                counts[f.split("=")[0]] = counts.get(f.split("=")[0], 0) + 1
+        flagged = {f for f, c in counts.items() if c >= len(rs) / 2}
+        truth = rs[0]["bias_factor"]
+        ctp += int(bool(truth) and truth in flagged)
+        cfn += int(bool(truth) and truth not in flagged)
+        cfp += len(flagged - {truth})
+    out.update(clf_tp=ctp, clf_fp=cfp, clf_fn=cfn,
+               clf_precision=ctp / (ctp + cfp) if ctp + cfp else float("nan"),
+               clf_recall=ctp / (ctp + cfn) if ctp + cfn else float("nan"))
+    p, r = out["run_precision"], out["run_recall"]
+    out["run_f1"] = 2 * p * r / (p + r) if p + r and p == p and r == r else 0.0
+    return out
+
+
+def classifier_meta() -> dict:
+    path = Path(__file__).resolve().parents[1] / "featinv" / "zoo" / "weights" / "meta.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    return meta.get("shapes-targets", {}).get("models", {})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", choices=["val", "test"], required=True)
+    ap.add_argument("--parts", default="dexter,baselines", help="comma list of dexter, baselines, diffexplainer")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="validation: configs to try")
+    ap.add_argument("--out", default="benchmarks/results/dexter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N classifiers (quick checks)")
+    ap.add_argument("--smoke", action="store_true", help="random-init prior and classifiers (plumbing check only)")
+    ap.add_argument("--quick", action="store_true", help="3 optimisation steps, 8 samples per score / baseline (CI)")
+    a = ap.parse_args()
+    if a.quick:
+        global N_AM
+        N_AM = 8
+        for c in list(CONFIGS.values()) + [DIFFEXPLAINER]:
+            c.update(steps=3, score_samples=8)
+    torch.set_num_threads(a.threads)
+    t_start = time.time()
+    prior, reader, mlm, load_clf = load_world(a.smoke)
+    split = split_classes(a.seed)
+    names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
+    items = [(n, k) for n in names for k in split[n][a.phase]]
+    parts = a.parts.split(",")
+    clfs = {n: load_clf(n).to(prior.device) for n in names}
+    command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
+    meta = dict(commit=commit(), command=command, seed=a.seed, phase=a.phase, smoke=a.smoke, quick=a.quick,
+                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {a.threads}",
+                torch=torch.__version__, split=split)
+    if a.phase == "val":
+        return validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
+    return test(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
+
+
+def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
+    rows, summary = [], {}
+    for cname in a.configs.split(","):
+        cfg = CONFIGS[cname]
+        crow = []
+        for name, k in items:
+            row, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, cfg, "dexter", a.seed)
+            row["config"] = cname
+            crow.append(row)
+            print(json.dumps(row), flush=True)
+        prf = bias_prf(crow)
+        unb = [r for r in crow if not r["bias_factor"]]
+        summary[cname] = dict(activation=float(np.mean([r["activation_score"] for r in crow])), **prf,
+                              class_word=float(np.mean([r["class_word"] for r in unb])) if unb else float("nan"),
+                              seconds=float(np.sum([r["seconds"] for r in crow])))
+        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname]["run_f1"]
+        print(cname, json.dumps(summary[cname]), flush=True)
+        rows += crow
+    guided = {}
+    if "baselines" in parts:
+        for w in GUIDED_WEIGHTS:
+            s = []
+            for name, k in items:
+                info = classifier_info(name)
+                method = get_method("fast", name="guided", steps=25, recurrence=1, early_steps=0, weight=w,
+                                    objective=ClassLogit(k))
+                n = min(32, N_AM)
+                res = method(prior, clfs[name], torch.zeros(n, len(info["classes"])), make_generators(range(n)))
+                with torch.no_grad():
+                    s.append(float((clfs[name](res.images).argmax(1) == k).float().mean()))
+            guided[w] = float(np.mean(s))
+            print("guided weight", w, guided[w], flush=True)
+    best = max(summary, key=lambda c: summary[c]["selection"])
+    best_w = max(guided, key=guided.get) if guided else GUIDED_WEIGHTS[0]
+    out = dict(meta={**meta, "seconds": round(time.time() - t_start)}, summary=summary, chosen=best,
+               config=CONFIGS[best], guided=guided, guided_weight=best_w)
+    Path(a.out + "_val.json").write_text(json.dumps(out, indent=1))
+    _csv(rows, a.out + "_val.csv")
+    print(f"chosen: {best} {CONFIGS[best]}; guided weight {best_w}")
+
+
+def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
+    val = json.loads(Path(a.out + "_val.json").read_text())
+    cfg, w = val["config"], val["guided_weight"]
+    rows, pics = [], []
+    for name, k in items:
+        info = classifier_info(name)
+        if "dexter" in parts:
+            row, samples, frames = run_item(prior, reader, mlm, clfs[name], name, k, cfg, "dexter", a.seed)
+            if "baselines" in parts:
+                am = am_baselines(prior, clfs[name], k, reader, info, w, 20_000 + a.seed, N_AM)
+                for m, v in am.items():
+                    row[f"{m}_success"], row[f"{m}_reader_class"], row[f"{m}_seconds"] = (
+                        v["success"], v["reader_class"], v["seconds"])
+                pics.append((f"{name} / {row['class_name']}: {row['prompt']}", [samples, frames] +
+                             [am[m]["images"] for m in ("pixel", "fourier", "guided")]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if "diffexplainer" in parts:
+            drow, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, DIFFEXPLAINER, "diffexplainer", a.seed)
+            rows.append(drow)
+            print(json.dumps(drow), flush=True)
+    meta["seconds"] = round(time.time() - t_start)
+    _csv(rows, a.out + "_runs.csv")
+    write_report(a, rows, val, meta, cfg, w)
+    if pics:
+        _grid(pics, a.out + "_grid.png")
+
+
+def _csv(rows, path):
+    cols = sorted({k for r in rows for k in r}, key=lambda c: [k for r in rows for k in r].index(c))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _grid(pics, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["DEXTER prompt samples", "DEXTER frames", "pixel AM", "fourier AM", "guided AM"]
+    fig, axes = plt.subplots(len(pics), len(cols), figsize=(3.2 * len(cols), 1.0 * len(pics) + 0.6))
+    axes = np.atleast_2d(axes)
+    for i, (title, groups) in enumerate(pics):
+        for j, g in enumerate(groups):
+            ax = axes[i, j]
+            ax.axis("off")
+            if len(g):
+                strip = torch.cat(list(g[:8].clamp(0, 1)), dim=2).permute(1, 2, 0).numpy()
+                ax.imshow(strip)
+            if i == 0:
+                ax.set_title(cols[j], fontsize=9)
+        axes[i, 0].text(-2, 16, title, fontsize=6, ha="right", va="center")
+    plt.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def write_report(a, rows, val, meta, cfg, w):
+    """benchmarks/results/dexter.md (see the module docstring)."""
+    from _dexter_report import render
+
+    Path(a.out + ".md").write_text(render(rows, val, meta, cfg, w, classifier_meta(), bias_prf))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""A deterministic reporter: DEXTER's VLM captions + LLM bias report, replaced by a reader and a rule.
+
+DEXTER (Carnemolla et al., arXiv 2510.14741, steps "reasoner") has a VLM caption every saved frame and an
+LLM write a report with the frames' over-represented elements and a bias hypothesis. In a world with
+known factors both are replaced by something checkable: a *reader* (a judge trained on renders, never an
+analysed model) reads every frame's factors, and the reporter flags each factor other than the class
+factor whose most frequent value among the frames exceeds its base rate by at least ``threshold``
+(0.3): "the frames over-represent <value> <factor>" is the bias hypothesis. The base rate of a value is its
+probability in the world (independent, uniform factors: 1 / #values) unless measured rates are given.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+__all__ = ["Flag", "Report", "report", "read_frames"]
+
+
+@dataclass
+class Flag:
+    factor: str
+    value: str
+    frequency: float
+    base_rate: float
+    excess: float
+
+
+@dataclass
+class Report:
+    n_frames: int
+    class_factor: str | None
+    threshold: float
+    flags: list[Flag] = field(default_factory=list)
+    frequencies: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> share of frames
+    base_rates: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> base rate
+
+    @property
+    def flagged_factors(self) -> list[str]:
+        return [f.factor for f in self.flags]
+
+    def text(self) -> str:
+        """The report as a sentence (what the LLM would write, from the same numbers)."""
+        if self.n_frames == 0:
+            return "no frame was classified as the target: nothing to report"
+        if not self.flags:
+            return f"{self.n_frames} frames; no factor besides the class is over-represented"
+        parts = [f"{f.value} {f.factor} ({f.frequency:.0%} of frames vs {f.base_rate:.0%} base rate)" for f in self.flags]
+        return f"{self.n_frames} frames over-represent " + "; ".join(parts) + ": possible bias"
+
+    def rows(self) -> list[list]:
+        """Table rows (factor, value, frequency, base rate, excess, flagged) of every factor's top value."""
+        out = []
+        flagged = {f.factor for f in self.flags}
+        for k, freq in self.frequencies.items():
+            if not freq:
+                continue
+            v, p = max(freq.items(), key=lambda kv: kv[1])
+            base = self.base_rates[k][v]
+            out.append([k, v, round(p, 4), round(base, 4), round(p - base, 4), k in flagged])
+        return out
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "text": self.text()}
+
+
+def read_frames(judge, frames: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    """factor -> (N,) value index as read by ``judge.read`` (``featinv.zoo.shapes.judges.Judge``)."""
+    if len(frames) == 0:
+        return {}
+    parts = [judge.read(frames[i:i + batch]) for i in range(0, len(frames), batch)]
+    return {k: torch.cat([p[k][0] for p in parts]).cpu() for k in parts[0]}
+
+
+def report(readings: dict[str, torch.Tensor], factors: dict[str, list[str]], class_factor: str | None, *,
+           threshold: float = 0.3, base_rates: dict[str, list[float]] | None = None) -> Report:
+    """Flag every non-class factor whose most frequent value among the frames exceeds its base rate by
+    ``threshold`` (module docstring). ``readings``: factor -> (N,) value indices of the N frames."""
+    n = len(next(iter(readings.values()))) if readings else 0
+    rep = Report(n_frames=n, class_factor=class_factor, threshold=threshold)
+    for k, values in factors.items():
+        base = base_rates[k] if base_rates and k in base_rates else [1.0 / len(values)] * len(values)
+        rep.base_rates[k] = dict(zip(values, map(float, base)))
+        if n == 0 or k not in readings:
+            continue
+        counts = torch.bincount(readings[k].long(), minlength=len(values)).float() / n
+        rep.frequencies[k] = {v: round(float(c), 6) for v, c in zip(values, counts)}
+        if k == class_factor:
+            continue
+        excess = counts - torch.tensor(base)
+        j = int(excess.argmax())
+        if float(excess[j]) >= threshold - 1e-9:
+            rep.flags.append(Flag(k, values[j], float(counts[j]), float(base[j]), float(excess[j])))
+    return rep

@@ -1,0 +1,403 @@
+"""DiffExplainer / DEXTER (issue 15): the unrolled sampler, the prompt path, Gumbel word choice, the
+pseudo-label rule, the reporter, the activation score and the harness - on tiny random models."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from featinv.explain.dexter import DexterConfig, dexter, gumbel_softmax_hard, update_pseudo_labels
+from featinv.explain.diffexplainer import DiffExplainerConfig, diffexplainer
+from featinv.explain.prompt import SlotTextEncoder, Template
+from featinv.explain.reporter import read_frames, report
+from featinv.explain.score import ClassTarget, activation_score
+from featinv.explain.unrolled import unrolled_sample
+
+TEMPLATE = Template("a {} {} {} at the {} {} on a {} background",
+                    rewrites=[("at the middle center", "in the center"),
+                              ("on a blue background", "on a dark blue background")])
+WORDS = ["small", "large", "red", "blue", "green", "square", "circle", "star", "top", "middle", "bottom",
+         "left", "center", "right", "black", "white", "gray"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from featinv.zoo.shapes import text
+
+    return text.build_tokenizer()
+
+
+def tiny_latent_prior(tok, dtype=torch.float32, seed=0):
+    """A text-conditioned LatentPrior of tiny random models (16x16 images, 4x8x8 latents)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from featinv.priors import LatentPrior
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
+                                cross_attention_dim=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                        num_hidden_layers=1, max_position_embeddings=tok.model_max_length,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False)
+    unet, vae, text = unet.to(dtype), vae.to(dtype), text.to(dtype)
+    return LatentPrior(unet, vae, sched, text_encoder=text, tokenizer=tok)
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self, k: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(16),
+                                  nn.ReLU())
+        self.head = nn.Linear(16, k)
+        self(torch.zeros(1, 3, 16, 16))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.fixture(scope="module")
+def prior(tok):
+    return tiny_latent_prior(tok)
+
+
+def test_text_encoder_is_reachable_on_the_prior(prior):
+    """Regression: a class-level default used to shadow the registered text encoder (read as None)."""
+    assert isinstance(prior.text_encoder, nn.Module) and "text_encoder" in prior._modules
+
+
+# -- the unrolled sampler ----------------------------------------------------------------------------
+def test_unrolled_sampler_is_ddim(prior):
+    """Without gradients it is featinv's unguided DDIM sampler (eta = 0) from the same noise."""
+    from featinv.guidance import Guidance
+
+    g = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    cond = prior.encode_prompt(["a red square", "a large blue star"])
+    ref = Guidance(steps=5, eta=0.0, weight=0.0, early_steps=0, recurrence=1, clamp_k=None,
+                   decode_clamp="straight_through")(prior, nn.Identity(), torch.zeros(2, 1), g, cond=cond).images
+    with torch.no_grad():
+        out = unrolled_sample(prior, cond, noise, 5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_gradient_to_the_prompt_matches_finite_differences(tok, cfg_scale):
+    """d loss / d cond through every unrolled UNet call (and the decoder): finite, nonzero, equal to a
+    central finite difference (float64 models); gradient checkpointing gives the same gradient."""
+    p64 = tiny_latent_prior(tok, torch.float64)
+    with torch.no_grad():  # a random decoder saturates [0, 1]; shrink its output so the clamp stays inactive
+        p64.vae.decoder.conv_out.weight.mul_(0.01)
+        p64.vae.decoder.conv_out.bias.mul_(0.01)
+    from featinv.priors import to_unit
+
+    # LatentPrior.decode returns float32 images, too coarse for a finite difference: the same decode in float64
+    p64.decode = lambda x0, clamp="straight_through": to_unit(p64.vae.decode(x0 / p64.vae_scale).sample, clamp)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wz = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wx = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cond0 = p64.encode_prompt(["a small red square"]).detach()
+
+    def losses(c, checkpoint=False):
+        img, z0 = unrolled_sample(p64, c, noise, 4, cfg_scale=cfg_scale, clamp="hard", checkpoint=checkpoint,
+                                  return_latent=True)
+        return (z0 * wz).sum(), (img * wx).sum()
+
+    v = torch.randn(cond0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for which in (0, 1):  # the latent z_0, and the decoded image
+        c = cond0.clone().requires_grad_(True)
+        losses(c)[which].backward()
+        g = c.grad.clone()
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        c2 = cond0.clone().requires_grad_(True)
+        losses(c2, checkpoint=True)[which].backward()
+        torch.testing.assert_close(c2.grad, g)
+        with torch.no_grad():
+            fd = (losses(cond0 + 1e-6 * v)[which] - losses(cond0 - 1e-6 * v)[which]) / 2e-6
+        assert float(fd) == pytest.approx(float((g * v).sum()), rel=1e-4)
+
+
+# -- the prompt path ---------------------------------------------------------------------------------
+def test_onehot_path_equals_the_tokenizer_path(prior, tok):
+    """Hard one-hots x translation x token embeddings through the hook = encoding the surface prompt,
+    rewrites (the grammar's surface forms) included; the translation matrix is one-hot per word."""
+    text = SlotTextEncoder(prior.text_encoder, tok, TEMPLATE, WORDS)
+    assert torch.equal(text.T.sum(1), torch.ones(len(WORDS))) and text.T.max() == 1
+    words = ["small", "red", "square", "middle", "center", "blue"]
+    assert TEMPLATE.surface(words) == "a small red square in the center on a dark blue background"
+    assert TEMPLATE.canonical("a small red square in the center on a dark blue background") == TEMPLATE.fill(words)
+    with torch.no_grad():
+        torch.testing.assert_close(text.encode_words(words), prior.encode_prompt([TEMPLATE.surface(words)]))
+        other = ["large", "green", "star", "top", "left", "white"]
+        torch.testing.assert_close(text.encode_words(other), prior.encode_prompt([TEMPLATE.surface(other)]))
+        assert not torch.allclose(text.encode_words(words), text.encode_words(other))
+
+
+def test_gumbel_softmax_is_one_hot_forward_and_softmax_backward():
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    y = gumbel_softmax_hard(logits, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(y.detach().sum(1), torch.ones(6)) and set(y.detach().unique().tolist()) == {0.0, 1.0}
+    # the same draw: argmax of logits + g
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12))).float()
+    assert torch.equal(y.argmax(1), (logits.detach() + g).argmax(1))
+    c = torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
+    (y * c).sum().backward()
+    s = ((logits.detach() + g) / 1.0).softmax(1)
+    expected = s * (c - (s * c).sum(1, keepdim=True))  # softmax Jacobian-vector product (straight-through)
+    torch.testing.assert_close(logits.grad, expected)
+    assert logits.grad.abs().sum() > 0
+
+
+def test_image_loss_reaches_the_masked_lm_soft_prompt(prior, tok):
+    """soft prompt -> masked LM -> Gumbel one-hot -> text encoder -> unrolled sampler -> classifier: the
+    classifier's loss alone has a finite, nonzero gradient on the soft prompt."""
+    from featinv.explain.mlm import WordMLM
+
+    torch.manual_seed(0)
+    mlm = WordMLM(WORDS + ["a", "at", "the", "on", "background"], hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2).eval().requires_grad_(False)
+    text = SlotTextEncoder(prior.text_encoder, tok, TEMPLATE, WORDS)
+    soft = torch.empty(1, 1, 16).uniform_(-1, 1).requires_grad_(True)
+    ids = mlm.encode([TEMPLATE.fill(["[MASK]"] * 6)])
+    slots = torch.tensor([i + 1 for i, p in enumerate(TEMPLATE.parts) if p == "{}"])
+    logits = mlm(ids, soft)[0, slots][:, [mlm.index[w] for w in WORDS]]
+    y = gumbel_softmax_hard(logits, 1.0, torch.Generator().manual_seed(0))
+    img = unrolled_sample(prior, text.encode_onehot(y), torch.randn(2, 4, 8, 8), 3)
+    ClassTarget(TinyClassifier(), 1)(img).loss.mean().backward()
+    assert torch.isfinite(soft.grad).all() and soft.grad.abs().sum() > 0
+
+
+# -- optimisation --------------------------------------------------------------------------------------
+def test_optimising_soft_tokens_raises_the_target_logit(prior):
+    clf = TinyClassifier(seed=3)
+    res = diffexplainer(prior, ClassTarget(clf, 2, loss="logit"), TEMPLATE, WORDS,
+                        DiffExplainerConfig(steps=12, lr=2.0, sample_steps=3, batch=2, seed=0))
+    values = [r["value"] for r in res.trace]  # fixed noise: every change comes from the soft tokens
+    assert values[-1] > values[0] + 5e-4 and sum(b > a for a, b in zip(values, values[1:])) >= 9, values
+    assert res.nfe == 12 * 3 * 2 and len(res.words) == 6 and all(w in WORDS for w in res.words)
+
+
+def test_dexter_runs_and_is_deterministic(prior, tok):
+    from featinv.explain.mlm import WordMLM
+
+    torch.manual_seed(0)
+    mlm = WordMLM(WORDS + ["a", "at", "the", "on", "background"], hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2).eval()
+    always = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    always(torch.zeros(1, 3, 16, 16))
+    with torch.no_grad():
+        always[1].weight.zero_()
+        always[1].bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # predicts class 1 for every image
+    cfg = DexterConfig(steps=4, sample_steps=2, batch=2, stop_after=2, seed=1)
+    r1 = dexter(prior, ClassTarget(always, 1), mlm, TEMPLATE, cfg)
+    r2 = dexter(prior, ClassTarget(always, 1), mlm, TEMPLATE, cfg)
+    assert len(r1.trace) == 2  # stops after 2 consecutive all-hit steps
+    assert len(r1.frames) == 4 and r1.frame_steps == [0, 0, 1, 1]  # every image is a frame
+    assert r1.trace == r2.trace and torch.equal(r1.frames, r2.frames)
+    assert r1.prompt == TEMPLATE.surface(r1.words)
+
+
+def test_pseudo_label_rule():
+    targets = ["a", "b", "c"]
+    h = update_pseudo_labels(["a", "x", "y"], targets, None, [1.0, 1.0, 1.0], 1.0, [])
+    assert targets == ["a", "b", "c"] and h == [[1.0, 1.0], [1.0], [1.0]]  # no improvement: keep targets
+    h = update_pseudo_labels(["a", "x", "c"], targets, h, [0.5, 0.5, 0.5], 0.5, [])
+    assert targets == ["a", "x", "c"] and h == [[1.0, 1.0, 0.5], [0.5], [1.0, 0.5]]  # improved: switch slot 1
+    h = update_pseudo_labels(["z", "x", "c"], targets, h, [2.0, 2.0, 2.0], 2.0, [])
+    assert targets == ["a", "x", "c"]  # worse CE: no switch
+    update_pseudo_labels(["z", "x", "c"], targets, h, [0.1, 0.1, 0.1], 0.1, [["z", "x", "c"]])
+    assert targets == ["a", "x", "c"]  # a previous restart's words never become the target again
+    update_pseudo_labels(["z", "x", "c"], targets, h, [0.1, 0.1, 0.1], 0.1, [])
+    assert targets == ["z", "x", "c"]
+
+
+# -- activation score and reporter -----------------------------------------------------------------------
+def test_activation_score_counts_the_target_share(prior):
+    fixed = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    fixed(torch.zeros(1, 3, 16, 16))
+    with torch.no_grad():
+        fixed[1].weight.zero_()
+        fixed[1].bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
+    cond = prior.encode_prompt(["a red square"])
+    assert activation_score(prior, ClassTarget(fixed, 2), cond, n=6, steps=2)["score"] == 1.0
+    assert activation_score(prior, ClassTarget(fixed, 0), cond, n=6, steps=2)["score"] == 0.0
+    clf = TinyClassifier()
+    s = activation_score(prior, ClassTarget(clf, 1), cond, n=10, steps=2, return_images=True)
+    with torch.no_grad():
+        share = (clf(s["images"]).argmax(1) == 1).float().mean().item()
+    assert s["score"] == pytest.approx(share)
+
+
+def test_reporter_flags_a_planted_factor_and_not_a_balanced_one():
+    factors = {"shape": ["square", "circle", "triangle", "star"], "color": ["red", "green", "blue"],
+               "background": ["black", "gray", "white", "dark blue"]}
+    n = 120
+    readings = {"shape": torch.zeros(n, dtype=torch.long),  # the class factor: never flagged
+                "color": torch.arange(n) % 3,  # balanced
+                "background": torch.where(torch.arange(n) < 84, 0, 1 + torch.arange(n) % 3)}  # 70% black
+    rep = report(readings, factors, "shape")
+    assert [(f.factor, f.value) for f in rep.flags] == [("background", "black")]
+    assert rep.flags[0].frequency == pytest.approx(84 / 120 + 36 / 120 * 0, abs=0.01)
+    assert rep.flags[0].excess == pytest.approx(0.7 - 0.25, abs=0.01)
+    assert not report({**readings, "background": torch.where(torch.arange(n) < 60, 0, 1)}, factors, "shape",
+                      base_rates={"background": [0.5, 0.5, 0.0, 0.0]}).flags  # at its base rate: no flag
+    assert report({k: v[:0] for k, v in readings.items()}, factors, "shape").n_frames == 0
+
+
+def test_reporter_reads_rendered_frames_with_the_shapes_reader():
+    """Real renders read by the shapes reader: frames whose background is planted (80 % white) are
+    flagged for background; their balanced colours are not."""
+    from featinv.zoo.shapes import FACTORS, world
+    from featinv.zoo.shapes.judges import Judge
+
+    rows = world.sample_rows(100, seed=5)
+    rows = world.edit(rows, "background", np.where(np.arange(100) < 80, 2, rows["background"]))
+    rows = world.edit(rows, "shape", 1)
+    rep = report(read_frames(Judge("shapes-reader"), world.render(rows)), {k: list(v) for k, v in FACTORS.items()},
+                 "shape")
+    assert "background" in rep.flagged_factors and "color" not in rep.flagged_factors
+    assert "shape" not in rep.flagged_factors  # the class factor is never a bias
+    assert next(f for f in rep.flags if f.factor == "background").value == "white"
+
+
+# -- the harness -------------------------------------------------------------------------------------------
+class FakeReader(nn.Module):
+    """A deterministic 'reader' of the shapes factors from image statistics (a stand-in judge)."""
+
+    def read(self, images):
+        from featinv.zoo.shapes import FACTORS
+
+        s = (images.float().mean(dim=(1, 2, 3)) * 997).long()
+        return {k: ((s + i) % len(v), torch.ones(len(s))) for i, (k, v) in enumerate(FACTORS.items())}
+
+
+@pytest.fixture(scope="module")
+def registered(tok):
+    """Spec families for the CLI: ``dxtest:prior``, ``dxtest:<seed>`` (tiny classifiers), ``dxtest:reader``."""
+    from featinv.encoders import Encoder
+    from featinv.specs import register_encoder, register_prior
+
+    cache = {}
+
+    @register_prior("dxtest")
+    def _prior(name, layer=None):
+        return cache.setdefault("prior", tiny_latent_prior(tok))
+
+    @register_encoder("dxtest")
+    def _encoder(name, layer=None):
+        if name == "reader":
+            return FakeReader()
+        return Encoder(TinyClassifier(seed=int(name)), layer, name=f"dxtest:{name}")
+
+    return True
+
+
+def write_config(path: Path, out: Path, steps: int = 3) -> Path:
+    path.write_text(f"""
+output_dir: {out}
+seed_everything: 0
+model:
+  class_path: featinv.explain.dexter_module.DexterModule
+  init_args:
+    prior: dxtest:prior
+    mode: dexter
+    world: shapes
+    reader: dxtest:reader
+    config: {{steps: {steps}, sample_steps: 2, batch: 2, score_samples: 4}}
+    samples_shown: 4
+data:
+  class_path: featinv.data.TargetDataModule
+  init_args:
+    datasets:
+      - class_path: featinv.explain.dexter_module.ClassTargets
+        init_args: {{classifiers: ["dxtest:1", "dxtest:2"], classes: [0], world: null, name: tiny}}
+    batch_size: 1
+trainer: {{accelerator: cpu, enable_progress_bar: false}}
+wandb: {{mode: offline}}
+""")
+    return path
+
+
+def test_featinv_predict_writes_records_and_resume_skips_them(registered, tmp_path, capsys):
+    from featinv import results as R
+    from featinv.cli import main
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "dexter.yaml", out)
+    main(["predict", "-c", str(cfg)])
+    recs = R.read_dir(out)
+    assert len(recs) == 2 and {r["classifier"] for r in recs} == {"dxtest:1", "dxtest:2"}
+    for r in recs:
+        assert r["method"] == "dexter" and len(r["words"]) == 6 and r["steps_run"] == 3 and r["fingerprint"]
+        assert 0 <= r["activation_score"] <= 1 and math.isfinite(r["activation_mean_value"])
+        assert isinstance(r["report"], str) and isinstance(r["flags"], list) and len(r["distances"]) == 3
+        assert (out / r["image"]).exists()
+    assert json.loads((out / "run.json").read_text())["methods"]["dexter"]["steps"] == 3
+    assert list((out / "wandb").glob("offline-run-*"))
+    mtime = (out / R.RESULTS).stat().st_mtime_ns
+    capsys.readouterr()
+    main(["predict", "-c", str(cfg)])  # resume: both items are done, nothing is recomputed
+    assert "resuming" in capsys.readouterr().out
+    again = R.read_dir(out)
+    assert [r["fingerprint"] for r in again] == [r["fingerprint"] for r in recs]
+    assert (out / R.RESULTS).stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit):  # another configuration in the same directory is refused
+        main(["predict", "-c", str(write_config(tmp_path / "other.yaml", out, steps=4))])
+
+
+def test_module_diffexplainer_mode_and_hidden_unit(registered):
+    """The soft-token mode and the hidden-unit objective through the module's predict_step."""
+    from torch.utils.data import default_collate
+
+    from featinv.explain.dexter_module import ClassTargets, DexterModule
+
+    ds = ClassTargets(["dxtest:1"], classes=[2], world=None, name="tiny")
+    batch = default_collate([ds[0]])
+    cfg = {"steps": 3, "sample_steps": 2, "batch": 1, "score_samples": 4}
+    for kw in ({}, {"unit": 3, "layer": "body.4"}):
+        m = DexterModule(prior="dxtest:prior", mode="diffexplainer", world="shapes", reader=FakeReader(), config=cfg,
+                         samples_shown=2, **kw)
+        pred = m.predict_step(batch, 0)
+        (rec,) = pred["records"]
+        assert rec["method"] == "diffexplainer" and len(rec["words"]) == 6 and rec["steps_run"] == 3
+        assert 0 <= rec["activation_score_words"] <= 1 and rec["n_frames"] >= 0
+        trace = pred["tables"]["prompt_trace/tiny_0000"]
+        assert trace[0] == ["step", "words", "loss", "hit_rate", "value"] and len(trace[1]) == 3
+        if kw:  # the hidden unit's activation is what is maximised: loss = -value
+            assert all(r[2] == pytest.approx(-r[4], abs=1e-4) for r in trace[1])
+    with pytest.raises(ValueError, match="unit"):
+        DexterModule(prior="dxtest:prior", mode="dexter", unit=3, layer="body.4", reader=None)
+
+
+def test_notebook_executes_reduced(monkeypatch):
+    """notebooks/05_dexter.ipynb at reduced size on the trained shapes world (skipped without its weights)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from featinv.zoo.shapes import shapes_sd_dir, targets
+
+    try:
+        shapes_sd_dir()
+        targets.load_model("biased-shape-bg")
+    except (FileNotFoundError, KeyError) as e:
+        pytest.skip(f"the trained shapes world is not in this checkout: {e}")
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "notebooks" / "05_dexter.ipynb", as_version=4)
+    monkeypatch.setenv("FEATINV_NB_FAST", "1")
+    monkeypatch.setenv("FEATINV_NB_THREADS", "1")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "explanation words:" in text and "activation score" in text and "nearest words:" in text
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 1
