@@ -60,3 +60,18 @@ def test_methods_notebook_executes(monkeypatch):
     for m in ("fast", "unguided", "pixel", "fourier", "deepinversion"):
         assert m in text
     assert len(images) == 1
+
+
+def test_shapes_notebook_executes(monkeypatch):
+    """notebooks/03_shapes.ipynb, reduced: both encoders invert, the grid shows, the agreement table prints."""
+    text, images = _execute("03_shapes.ipynb", monkeypatch)
+    assert "shapes-shape: final cosine" in text and "shapes-color: final cosine" in text
+    assert "held-out linear-probe accuracy" in text and len(images) == 1
+
+
+@pytest.mark.slow
+def test_explain_notebook_executes(monkeypatch):
+    """notebooks/04_explain.ipynb, reduced: DEPICT and DiffEx explain one classifier, with their oracles."""
+    text, images = _execute("04_explain.ipynb", monkeypatch)
+    assert "DEPICT ranking:" in text and "oracle ranking:" in text and "beam (DiffEx):" in text
+    assert len(images) >= 2

@@ -272,6 +272,29 @@ def test_probe_accuracies_match_meta():
             assert abs(got - want) <= 0.1, (name, f, got, want)
 
 
+def test_designed_encoders_learnt_their_task_and_keep_what_they_are_built_for():
+    """A collapsed encoder (a constant feature: shapes-shape once sat at chance, loss ln 4) fails here."""
+    from featinv.zoo.shapes import fit, load_encoder
+    from featinv.zoo.shapes.encoders import load_model
+
+    x, rows = W.load_split("single", "test", 512)
+    lab = W.labels(rows)
+    for name in ("shapes-shape", "shapes-color", "shapes-invariant"):
+        model = load_model(name)
+        acc = fit.accuracies(model, x, {h: lab[h] for h in model.heads})
+        assert min(acc.values()) >= 0.95, (name, acc)
+        assert min(META[name]["test_accuracy"].values()) >= 0.95, name
+        with torch.no_grad():
+            f = load_encoder(name)(x)
+        assert f.std(0).mean() > 1e-3, name  # the feature varies across scenes
+    probes = META["shapes-probes"]["probes"]
+    assert probes["shapes-shape"]["shape"]["kept"] and probes["shapes-color"]["color"]["kept"]
+    assert all(probes["shapes-invariant"][k]["kept"] for k in ("shape", "color", "size", "background"))
+    assert probes["shapes-shape"]["position"]["dropped"] and probes["shapes-invariant"]["position"]["dropped"]
+    # shapes-shape is built to drop colour: its colour probe is far below its shape probe
+    assert probes["shapes-shape"]["color"]["test_accuracy"] < probes["shapes-shape"]["shape"]["test_accuracy"] - 0.4
+
+
 def test_target_classifiers_match_meta_and_biased_ones_show_their_bias():
     from featinv.zoo.shapes import load_target_classifier, targets
 

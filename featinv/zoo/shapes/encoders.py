@@ -71,6 +71,7 @@ def train_encoder(name: str, out: Path, *, seed: int, n: int, steps: int, batch:
     return dict(file=f"{name}.safetensors", architecture="ShapesCNN(width=32, feature_dim=64, global avg+max pool, circular padding)",
                 heads=model.heads, design=DESIGNS[name]["design"], augmentation=list(DESIGNS[name]["aug"]),
                 feature_consistency_weight=DESIGNS[name].get("consistency", 0.0),
+                feature_consistency_rampup="exp(-5 (1 - s)^2) over the first 40 % of steps (Laine & Aila 2017)",
                 default_layer=DEFAULT_LAYER, spatial_layers=list(SPATIAL_LAYERS), params=sum(p.numel() for p in model.parameters()),
                 seed=seed, data=dict(mode="single", split="train", n=n), test=dict(split="test", n=n_test),
                 test_accuracy=acc, **info)
