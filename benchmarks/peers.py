@@ -50,7 +50,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _common import commit  # noqa: E402
 
 import featinv  # noqa: E402

@@ -31,7 +31,7 @@ from featinv.explain.concepts import MIN_IOU, ConceptSet, Labels, dissect, label
 from featinv.explain.counterfactual import Counterfactual, class_targets, coordinate_spread, counterfactuals
 from featinv.explain.dissection import s1_score, s2_score
 from featinv.explain.eddp import PRESETS, DirectionPairs, EDDPConfig, fit_eddp
-from featinv.explain.influence import Influence, rcav_influence
+from featinv.explain.influence import rcav_influence
 from featinv.explain.layer import LayerSplit, to_map
 
 
