@@ -31,6 +31,7 @@ import os
 import platform
 import time
 from collections import Counter, defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,12 +86,18 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def target_hist(records: list[dict], k: str) -> dict[int, float]:
-    """The true values of factor k over the records' targets (test split of the single-object world)."""
+@lru_cache(maxsize=None)
+def test_labels(n: int) -> dict:
+    """The true factor values of the first n test scenes of the single-object world (loaded once)."""
     from featinv.zoo.shapes import world as W
 
+    return W.labels(W.load_split("single", "test", n)[1])
+
+
+def target_hist(records: list[dict], k: str) -> dict[int, float]:
+    """The true values of factor k over the records' targets."""
     idx = sorted({int(r["index"]) for r in records})
-    lab = W.labels(W.load_split("single", "test", idx[-1] + 1)[1])[k]
+    lab = test_labels(idx[-1] + 1)[k]
     c = Counter(int(lab[i]) for i in idx)
     return {v: m / len(idx) for v, m in c.items()}
 
