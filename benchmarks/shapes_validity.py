@@ -87,7 +87,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 @lru_cache(maxsize=None)
-def test_labels(n: int) -> dict:
+def _test_split_labels(n: int) -> dict:
     """The true factor values of the first n test scenes of the single-object world (loaded once)."""
     from featinv.zoo.shapes import world as W
 
@@ -97,7 +97,7 @@ def test_labels(n: int) -> dict:
 def target_hist(records: list[dict], k: str) -> dict[int, float]:
     """The true values of factor k over the records' targets."""
     idx = sorted({int(r["index"]) for r in records})
-    lab = test_labels(idx[-1] + 1)[k]
+    lab = _test_split_labels(idx[-1] + 1)[k]
     c = Counter(int(lab[i]) for i in idx)
     return {v: m / len(idx) for v, m in c.items()}
 
