@@ -84,7 +84,7 @@ def validate(a, meta) -> dict:
     return meta, "\n".join(lines) + "\n"
 
 
-def test(a, meta) -> tuple[dict, str]:
+def test(a, meta) -> dict:
     x, rows = W.load_split("multi", "test", a.n)
     p = rows["present"]
     det = SO.presence_detector(a.weights)
@@ -133,7 +133,7 @@ def test(a, meta) -> tuple[dict, str]:
                    off_diagonal_mean=float(dep.independence[~np.eye(6, dtype=bool)].mean())))
     meta.update(phase="test", n=a.n, permutations=a.permutations, steps=a.steps, cfg_scale=a.cfg, **res)
     figs(a, dep, oracle, gcam, names, x, p, cache, rows)
-    return meta, ""  # the report needs the wall time: main() writes it
+    return meta  # main() writes the report: it needs the wall time
 
 
 def figs(a, dep, oracle, gcam, names, x, p, cache, rows):
@@ -236,7 +236,7 @@ def main():
         if a.steps is None or a.cfg is None:
             chosen = json.load(open(a.out + "_val.json"))["chosen"]
             a.steps, a.cfg = a.steps or chosen["steps"], a.cfg or chosen["cfg_scale"]
-        meta, _ = test(a, meta)
+        meta = test(a, meta)
     meta["wall_minutes"] = round((time.time() - t0) / 60, 1)
     meta["cpu_minutes"] = round((time.process_time() - c0) / 60, 1)  # the 2 cores were shared: CPU time says more
     meta["load_average"] = [round(v, 1) for v in os.getloadavg()]
