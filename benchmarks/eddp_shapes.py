@@ -114,10 +114,16 @@ def am_rates(split, report, method, prior, reader, dirs, n, seed, dataset, batch
 def run_am(results, args, log) -> dict:
     prior, reader = build_prior(args.prior), build_encoder(args.reader)
     factors = ES.factors()
-    # validation: guidance weight, on the first classifier's checkable directions, validation seeds
-    first = results[0]
+    # validation: guidance weight, on the first classifier with directions the reader can check (a label
+    # naming a factor value), validation seeds; if no direction anywhere is checkable, on-manifold rate only
+    checkable = [(r, [i for i, lab in enumerate(r["reports"]["EDDP"].labels.names) if AM.label_value(lab, factors)])
+                 for r in results]
+    first, dirs = next(((r, d) for r, d in checkable if d), (results[0], []))
+    if not dirs:
+        log("AM validation: no direction has a checkable label; choosing the weight by on-manifold rate")
+        dirs = list(range(first["reports"]["EDDP"].S.shape[1]))
+    dirs = dirs[: args.val_directions]
     rep = first["reports"]["EDDP"]
-    dirs = [i for i, lab in enumerate(rep.labels.names) if AM.label_value(lab, factors)][: args.val_directions]
     val = {}
     for w in args.weights_grid:
         _, out = am_rates(first["split"], rep, guided(w), prior, reader, dirs, args.val_samples, VAL_AM_SEED,
@@ -126,7 +132,7 @@ def run_am(results, args, log) -> dict:
         log(f"AM validation w={w}: hit {val[w][0]:.3f} on-manifold {val[w][1]:.3f}")
     w = max(val, key=lambda k: val[k])
     methods = [guided(w), get_method("unguided", steps=GUIDED["steps"]), get_method("pixel"), get_method("fourier")]
-    am = {"val": val, "weight": w, "per": {}}
+    am = {"val": val, "weight": w, "val_classifier": first["spec"], "val_n": len(dirs), "per": {}}
     for r in results:
         rep = r["reports"]["EDDP"]
         dirs = list(range(rep.S.shape[1]))
@@ -249,7 +255,7 @@ def markdown(results, am, args, header: str) -> str:
           f"Objective: maximise (1/P) sum_p s_i^T x_p / ||s_i|| at `{args.layer}` (featinv.objectives.Projection). "
           f"Guided: featinv's `fast` guidance on {GUIDED['steps']} steps (K = {GUIDED['recurrence']}, "
           f"{GUIDED['early_steps']} early steps with K = {GUIDED['early_recurrence']}) on `{args.prior}` (empty prompt); "
-          f"weight chosen on validation seeds ({args.val_directions} directions of {results[0]['spec']}, "
+          f"weight chosen on validation seeds ({am['val_n']} directions of {am['val_classifier']}, "
           f"{args.val_samples} seeds each) from {list(args.weights_grid)}: "
           + ", ".join(f"w={k:g}: hit {a:.3f}, on-manifold {b:.3f}" for k, (a, b) in am["val"].items())
           + f" -> w = {am['weight']:g}. `unguided` = the prior alone (the chance rate of each label), `pixel` / "

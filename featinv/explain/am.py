@@ -53,6 +53,8 @@ def maximise(method, prior, encoder, S: Tensor, directions: Sequence[int], n_sam
     """AM images of ``n_samples`` per direction (columns ``directions`` of S (D, I)) with ``method`` (an
     object of ``featinv.methods``), guided through ``encoder`` (the layer's ``Encoder`` with ``pool=None``,
     whose flattened feature is C-major (C*P,))."""
+    if not len(directions):
+        raise ValueError("no directions to maximise: pass at least one column index of S")
     method = with_projection(method)
     D = S.shape[0]
     P = positions if positions is not None else encoder.dim // D
