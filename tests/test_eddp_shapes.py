@@ -181,6 +181,8 @@ def test_am_with_the_projection_objective_draws_the_labelled_concept(planted):
     assert label_value(("any", "object"), {"kind": ["red", "green"]}) is None
     # the projection the method reached is above that of the initial grey image
     assert (am.projection > Projection(v=torch.eye(3)[0]).projection(enc(torch.full((1, 3, 8, 8), 0.5)))).all()
+    with pytest.raises(ValueError, match="no directions to maximise"):
+        maximise(method, prior, enc, S, [], n_samples=2)
 
 
 # -- the Lightning module ----------------------------------------------------------------------------
