@@ -36,9 +36,12 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
     # validation table
     L.append("## Validation (one class per classifier, 8 runs per config)\n")
-    vc = ["config", "mean activation", "bias P (run)", "bias R (run)", "bias F1", "class word (unbiased)", "seconds",
-          "selection = act + F1"]
-    L.append(_table(vc, [[c, s["activation"], s["run_precision"], s["run_recall"], s["run_f1"], s["class_word"],
+    vc = ["config", "mean activation", "bias P / R / F1 (run, sweep rule)", "bias P / R (run, frame rule)",
+          "class word (unbiased)", "seconds", "selection = act + F1 (sweep)"]
+    L.append(_table(vc, [[c, s["activation"],
+                          f"{_f(s.get('sweep_run_precision', float('nan')))} / {_f(s.get('sweep_run_recall', float('nan')))}"
+                          f" / {_f(s.get('sweep_run_f1', float('nan')))}",
+                          f"{_f(s['run_precision'])} / {_f(s['run_recall'])}", s["class_word"],
                           s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
     if val.get("guided"):
         L.append("\nGuided AM (25 steps, 32 images per class) success on validation by weight: "
@@ -47,7 +50,8 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     L.append("\n## Test: what must hold\n")
     if dex:
         act = np.array([r["activation_score"] for r in dex])
-        prf = bias_prf(dex)
+        frame = bias_prf(dex)
+        prf = bias_prf(dex, "sweep_") if "sweep_flags" in dex[0] else frame
         unb = [r for r in dex if not r["bias_factor"]]
         cw = float(np.mean([r["class_word"] for r in unb])) if unb else float("nan")
         am = {m: float(np.mean([r[f"{m}_success"] for r in dex])) for m in ("pixel", "fourier", "guided")
@@ -58,25 +62,37 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                 ["activation score above every AM baseline's success rate",
                  f"{act.mean():.2f} vs " + ", ".join(f"{m} {v:.2f}" for m, v in am.items()),
                  _f(bool(am) and all(act.mean() > v for v in am.values()))],
-                ["bias precision >= 0.75 (classifier level)", _f(prf["clf_precision"]), _f(prf["clf_precision"] >= 0.75)],
-                ["bias recall >= 0.75 (classifier level)", _f(prf["clf_recall"]), _f(prf["clf_recall"] >= 0.75)],
-                ["bias precision / recall (run level)", f"{_f(prf['run_precision'])} / {_f(prf['run_recall'])}",
+                ["bias precision >= 0.75 (classifier level, sweep rule)", _f(prf["clf_precision"]),
+                 _f(prf["clf_precision"] >= 0.75)],
+                ["bias recall >= 0.75 (classifier level, sweep rule)", _f(prf["clf_recall"]), _f(prf["clf_recall"] >= 0.75)],
+                ["bias precision / recall (run level, sweep rule)", f"{_f(prf['run_precision'])} / {_f(prf['run_recall'])}",
                  _f(prf["run_precision"] >= 0.75 and prf["run_recall"] >= 0.75)],
+                ["bias precision / recall (classifier level, frame rule)",
+                 f"{_f(frame['clf_precision'])} / {_f(frame['clf_recall'])}",
+                 _f(frame["clf_precision"] >= 0.75 and frame["clf_recall"] >= 0.75)],
                 ["class word in DEXTER's prompt (unbiased classifiers)", _f(cw), _f(cw == 1.0)]]
         L.append(_table(["criterion", "measured", "holds"], hold))
         L.append("\nReader check (the independent shapes reader reads the class value in the images): DEXTER "
                  f"prompt samples {np.mean([r['reader_class'] for r in dex]):.2f}; "
                  + ", ".join(f"{m} AM {v:.2f}" for m, v in amr.items()) + ".\n")
-        L.append(f"Bias counts: run level TP {prf['run_tp']}, FP {prf['run_fp']}, FN {prf['run_fn']}; "
+        L.append("Two reporter rules (featinv/explain/reporter.py). *Frame rule* (the issue's): a non-class factor "
+                 "whose top value's share of the saved frames exceeds its base rate (1 / #values) by >= 0.3. "
+                 "*Sweep rule* (counterfactual): the final prompt sampled with each non-class factor's words set to "
+                 "each of its values (same seeds), frames = the samples the classifier assigns to the class, base "
+                 "rate = the value's share (as read) of all the sweep's samples; the frames of one prompt share its "
+                 "words, so the frame rule flags every factor the prompt names.\n")
+        L.append(f"Bias counts (sweep rule): run level TP {prf['run_tp']}, FP {prf['run_fp']}, FN {prf['run_fn']}; "
                  f"classifier level (a factor flagged in >= half of a classifier's runs) TP {prf['clf_tp']}, "
-                 f"FP {prf['clf_fp']}, FN {prf['clf_fn']}.\n")
+                 f"FP {prf['clf_fp']}, FN {prf['clf_fn']}. Frame rule: run level TP {frame['run_tp']}, "
+                 f"FP {frame['run_fp']}, FN {frame['run_fn']}.\n")
         # per run
         L.append("## Test runs (DEXTER)\n")
-        cols = ["classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames", "flags",
-                "class word", "pixel", "fourier", "guided", "s"]
+        cols = ["classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames",
+                "flags (sweep)", "flags (frames)", "class word", "pixel", "fourier", "guided", "s"]
         L.append(_table(cols, [[r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"
                                                                     if r["bias_factor"] else "-"),
-                                r["words"], r["activation_score"], r["reader_class"], r["n_frames"], r["flags"] or "-",
+                                r["words"], r["activation_score"], r["reader_class"], r["n_frames"],
+                                r.get("sweep_flags") or "-", r["flags"] or "-",
                                 r["class_word"], r.get("pixel_success", float("nan")),
                                 r.get("fourier_success", float("nan")), r.get("guided_success", float("nan")),
                                 r["seconds"]] for r in dex]))

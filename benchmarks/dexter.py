@@ -17,7 +17,9 @@ disjoint). For each (classifier, class):
 * optionally DiffExplainer (``--parts ...,diffexplainer``): soft tokens, scored like DEXTER.
 
 Validation: every config of ``CONFIGS`` (and the guided baseline's weights) on the 8 validation classes;
-the chosen config maximises mean activation score + bias-detection F1 (run level); written to
+the chosen config maximises mean activation score + bias-detection F1 (run level, counterfactual rule:
+``reporter.sweep_report``, ``SWEEP_SAMPLES`` samples per variant prompt; the frame rule's numbers are
+reported beside it); written to
 ``<out>_val.json``, which ``--phase test`` reads. Outputs: ``<out>.md`` (tables stamped with commit,
 command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``, ``<out>_grid.png``.
 """
@@ -42,7 +44,13 @@ from featinv.contract import make_generators  # noqa: E402
 from featinv.explain.dexter import DexterConfig, candidate_words, run_dexter  # noqa: E402
 from featinv.explain.diffexplainer import DiffExplainerConfig, run_diffexplainer  # noqa: E402
 
-from featinv.explain.shapes import TEMPLATE, class_words, classifier_info, load_shapes_mlm  # noqa: E402
+from featinv.explain.shapes import (  # noqa: E402
+    TEMPLATE,
+    class_words,
+    classifier_info,
+    load_shapes_mlm,
+    slot_variants,
+)
 from featinv.methods import get_method  # noqa: E402
 from featinv.objectives import ClassLogit  # noqa: E402
 
@@ -58,6 +66,7 @@ CONFIGS = {
 GUIDED_WEIGHTS = [4.0, 16.0]
 DIFFEXPLAINER = dict(steps=100, lr=0.05, sample_steps=8, cfg_scale=1.0, batch=2, loss="logit")
 N_AM = 100  # images per AM baseline
+SWEEP_SAMPLES = 16  # samples per variant prompt of the counterfactual report (reporter.sweep_report)
 
 
 def split_classes(seed: int = 0) -> dict[str, dict[str, list[int]]]:
@@ -126,7 +135,8 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
     factors = {f: list(v) for f, v in FACTORS.items()}
     kw = dict(reader=reader, factors=factors, class_factor=factor)
     if mode == "dexter":
-        res = run_dexter(prior, clf, k, mlm=mlm, template=TEMPLATE, config=DexterConfig(**cfg, seed=seed), **kw)
+        res = run_dexter(prior, clf, k, mlm=mlm, template=TEMPLATE, config=DexterConfig(**cfg, seed=seed),
+                         variants=lambda w: slot_variants(w, factor), sweep_samples=SWEEP_SAMPLES, **kw)
     else:
         words = candidate_words(mlm, prior.tokenizer)
         res = run_diffexplainer(prior, clf, TEMPLATE, words, target_class=k,
@@ -143,10 +153,20 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
                bias_value_found=any(f.factor == truth and f.value == info["bias_values"][k] for f in rep.flags) if truth else "",
                false_flags=sum(f != truth for f in rep.flagged_factors),
                class_word=_contains(list(res.words), class_words(factor, value)),
+               **(_flags(res.sweep, truth, info["bias_values"][k] if truth else None, "sweep_") if res.sweep else {}),
                steps_run=len(res.trace), seconds=round(res.seconds, 1))
     if mode == "diffexplainer":
         row["activation_score_words"] = res.activation_words["score"]
     return row, samples[:8], res.frames[-8:]
+
+
+def _flags(rep, truth, truth_value, prefix: str) -> dict:
+    """A report's flags as row fields (``prefix`` + flags / bias_found / bias_value_found / false_flags)."""
+    return {prefix + "flags": ";".join(f"{f.factor}={f.value}" for f in rep.flags),
+            prefix + "bias_found": (truth in rep.flagged_factors) if truth else "",
+            prefix + "bias_value_found": any(f.factor == truth and f.value == truth_value for f in rep.flags)
+            if truth else "",
+            prefix + "false_flags": sum(f != truth for f in rep.flagged_factors)}
 
 
 def _contains(words, phrase):
@@ -154,13 +174,14 @@ def _contains(words, phrase):
     return any(words[i:i + n] == phrase for i in range(len(words) - n + 1))
 
 
-def bias_prf(rows: list[dict]) -> dict:
+def bias_prf(rows: list[dict], prefix: str = "") -> dict:
     """Run level: TP = a biased classifier's run flags its bias factor; FP = every other flagged factor;
     FN = a biased run that misses it. Classifier level: a factor counts as flagged for a classifier if
-    flagged in the majority (>= half) of its runs."""
-    tp = sum(1 for r in rows if r["bias_factor"] and r["bias_found"] is True)
-    fn = sum(1 for r in rows if r["bias_factor"] and r["bias_found"] is not True)
-    fp = sum(r["false_flags"] for r in rows)
+    flagged in the majority (>= half) of its runs. ``prefix``: "" the frame rule, "sweep_" the
+    counterfactual rule (``reporter.sweep_report``)."""
+    tp = sum(1 for r in rows if r["bias_factor"] and r[prefix + "bias_found"] is True)
+    fn = sum(1 for r in rows if r["bias_factor"] and r[prefix + "bias_found"] is not True)
+    fp = sum(r[prefix + "false_flags"] for r in rows)
     out = dict(run_tp=tp, run_fp=fp, run_fn=fn, run_precision=tp / (tp + fp) if tp + fp else float("nan"),
                run_recall=tp / (tp + fn) if tp + fn else float("nan"))
     by = {}
@@ -170,7 +191,7 @@ def bias_prf(rows: list[dict]) -> dict:
     for name, rs in by.items():
         counts = {}
         for r in rs:
-            for f in r["flags"].split(";") if r["flags"] else []:
+            for f in r[prefix + "flags"].split(";") if r[prefix + "flags"] else []:
                 counts[f.split("=")[0]] = counts.get(f.split("=")[0], 0) + 1
         flagged = {f for f, c in counts.items() if c >= len(rs) / 2}
         truth = rs[0]["bias_factor"]
@@ -204,8 +225,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 optimisation steps, 8 samples per score / baseline (CI)")
     a = ap.parse_args()
     if a.quick:
-        global N_AM
-        N_AM = 8
+        global N_AM, SWEEP_SAMPLES
+        N_AM, SWEEP_SAMPLES = 8, 2
         for c in list(CONFIGS.values()) + [DIFFEXPLAINER]:
             c.update(steps=3, score_samples=8)
     torch.set_num_threads(a.threads)
@@ -235,12 +256,13 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
             row["config"] = cname
             crow.append(row)
             print(json.dumps(row), flush=True)
-        prf = bias_prf(crow)
+        prf, sweep = bias_prf(crow), bias_prf(crow, "sweep_")
         unb = [r for r in crow if not r["bias_factor"]]
         summary[cname] = dict(activation=float(np.mean([r["activation_score"] for r in crow])), **prf,
+                              **{"sweep_" + k: v for k, v in sweep.items()},
                               class_word=float(np.mean([r["class_word"] for r in unb])) if unb else float("nan"),
                               seconds=float(np.sum([r["seconds"] for r in crow])))
-        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname]["run_f1"]
+        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname]["sweep_run_f1"]
         print(cname, json.dumps(summary[cname]), flush=True)
         rows += crow
     guided = {}

@@ -12,7 +12,7 @@ from torch import nn
 from featinv.explain.dexter import DexterConfig, dexter, gumbel_softmax_hard, update_pseudo_labels
 from featinv.explain.diffexplainer import DiffExplainerConfig, diffexplainer
 from featinv.explain.prompt import SlotTextEncoder, Template
-from featinv.explain.reporter import read_frames, report
+from featinv.explain.reporter import read_frames, report, sweep_report
 from featinv.explain.score import ClassTarget, activation_score
 from featinv.explain.unrolled import unrolled_sample
 
@@ -254,6 +254,40 @@ def test_reporter_flags_a_planted_factor_and_not_a_balanced_one():
     assert not report({**readings, "background": torch.where(torch.arange(n) < 60, 0, 1)}, factors, "shape",
                       base_rates={"background": [0.5, 0.5, 0.0, 0.0]}).flags  # at its base rate: no flag
     assert report({k: v[:0] for k, v in readings.items()}, factors, "shape").n_frames == 0
+
+
+def test_sweep_report_flags_what_the_classifier_prefers_not_what_the_prompt_names():
+    """Counterfactual rule: a factor is flagged only if the classifier's hits over-represent a value
+    relative to the sweep's own samples - a skewed prior (the samples mostly black) is not a bias."""
+    factors = {"shape": ["square", "circle"], "color": ["red", "green", "blue"], "background": ["black", "white"]}
+    n = 90
+    color = torch.arange(n) % 3
+    background = torch.where(torch.arange(n) < 72, 0, 1)  # the prior draws 80 % black whatever the prompt
+    readings = {"color": color, "background": background}
+    prefers_blue = {"color": color == 2, "background": torch.arange(n) % 2 == 0}  # background: independent
+    rep = sweep_report(readings, prefers_blue, factors, "shape")
+    assert [(f.factor, f.value) for f in rep.flags] == [("color", "blue")]
+    assert rep.flags[0].frequency == pytest.approx(1.0) and rep.flags[0].base_rate == pytest.approx(1 / 3)
+    assert rep.base_rates["background"]["black"] == pytest.approx(0.8)  # measured, not 1 / #values
+    assert rep.n_frames == 30 + 45
+    # the frame rule on the same hits flags the prior's skew as a bias
+    assert "background" in report({"background": background[prefers_blue["background"]]}, factors, "shape").flagged_factors
+    assert not sweep_report(readings, {k: torch.zeros(n, dtype=torch.bool) for k in readings}, factors, "shape").flags
+    with pytest.raises(ValueError, match="readings"):
+        sweep_report({"color": color}, {"color": color[:5] == 2}, factors, "shape")
+
+
+def test_slot_variants_sweep_one_factor_and_keep_the_rest():
+    from featinv.explain.shapes import slot_variants
+
+    words = ["small", "red", "circle", "top", "left", "blue"]
+    v = slot_variants(words, "shape")
+    assert sorted(v) == ["background", "color", "position", "size"]
+    assert {f: len(x) for f, x in v.items()} == {"color": 6, "size": 3, "position": 9, "background": 4}
+    assert v["position"][4] == ["small", "red", "circle", "middle", "center", "blue"]
+    assert v["background"][3] == words  # dark blue -> "blue"
+    assert all(w[:3] == ["small", "red", "circle"] for w in v["position"])
+    assert all(w[1] == "red" and w[2] == "circle" for f in ("size", "background") for w in v[f])
 
 
 def test_reporter_reads_rendered_frames_with_the_shapes_reader():

@@ -37,7 +37,7 @@ from featinv.explain.score import ClassTarget, activation_score
 from featinv.explain.unrolled import unrolled_sample
 
 __all__ = ["DexterConfig", "DexterResult", "dexter", "run_dexter", "gumbel_softmax_hard", "candidate_words",
-           "update_pseudo_labels"]
+           "update_pseudo_labels", "slot_sweep"]
 
 
 @dataclass
@@ -86,6 +86,7 @@ class DexterResult:
     nfe: int  # UNet evaluations (forward) while optimising, CFG doubling included
     activation: dict = field(default_factory=dict)  # run_dexter: activation score of ``prompt`` (+ its samples)
     report: object = None  # run_dexter with a reader: featinv.explain.reporter.Report
+    sweep: object = None  # run_dexter with a reader and ``variants``: reporter.sweep_report's Report
 
 
 def gumbel_softmax_hard(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -202,19 +203,24 @@ def _image_shape(prior) -> tuple[int, ...]:
 
 def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template, config: DexterConfig | None = None,
                reader=None, factors: dict[str, list[str]] | None = None, class_factor: str | None = None,
-               base_rates=None, threshold: float = 0.3, callback=None, **config_overrides) -> DexterResult:
+               base_rates=None, threshold: float = 0.3, variants=None, sweep_samples: int = 16, callback=None,
+               **config_overrides) -> DexterResult:
     """DEXTER end to end (the Python API): optimise, score the final prompt (``activation`` = the share of
     ``config.score_samples`` samples classified as ``target_class``) and, given a ``reader`` (``read(images)
     -> {factor: (values, confidence)}``) and the world's ``factors``, report over-represented factors.
 
-    ``config_overrides`` replace fields of ``config`` (e.g. ``steps=50``).
+    ``variants`` (``words -> {factor: [words, ...]}``, e.g. ``featinv.explain.shapes.slot_variants``) adds
+    the counterfactual report ``sweep`` (``reporter.sweep_report``): ``sweep_samples`` samples of every
+    variant of the final words, the same seeds for all. ``config_overrides`` replace fields of ``config``
+    (e.g. ``steps=50``).
     """
     cfg = dataclasses.replace(config or DexterConfig(), **config_overrides)
     target = ClassTarget(classifier, target_class)
     res = dexter(prior, target, mlm, template, cfg, callback=callback)
     with torch.no_grad():
-        cond = SlotTextEncoder(prior.text_encoder, prior.tokenizer, template, candidate_words(mlm, prior.tokenizer),
-                               dtype=prior.dtype).to(prior.device).encode_words(res.words)
+        enc = SlotTextEncoder(prior.text_encoder, prior.tokenizer, template, candidate_words(mlm, prior.tokenizer),
+                              dtype=prior.dtype).to(prior.device)
+        cond = enc.encode_words(res.words)
     res.activation = activation_score(prior, target, cond, n=cfg.score_samples, steps=cfg.sample_steps,
                                       cfg_scale=cfg.cfg_scale, seed=10_000 + cfg.seed, return_images=True)
     if reader is not None:
@@ -224,4 +230,29 @@ def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template,
             raise ValueError("a reader needs the world's `factors` (factor -> value names)")
         res.report = report(read_frames(reader, res.frames), factors, class_factor, threshold=threshold,
                             base_rates=base_rates)
+        if variants is not None:
+            res.sweep = slot_sweep(prior, target, enc, variants(res.words), reader, factors, class_factor,
+                                   n=sweep_samples, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                                   seed=20_000 + cfg.seed, threshold=threshold)
     return res
+
+
+@torch.no_grad()
+def slot_sweep(prior, target, encoder: SlotTextEncoder, variants: dict[str, list[list[str]]], reader,
+               factors: dict[str, list[str]], class_factor: str | None, *, n: int, steps: int, cfg_scale: float,
+               seed: int, threshold: float = 0.3):
+    """The counterfactual report (``reporter.sweep_report``): ``n`` samples of each variant of the final
+    words (noise of sample i from seed ``seed + i`` for every variant), read by ``reader`` and scored by
+    ``target``."""
+    from featinv.explain.reporter import read_frames, sweep_report
+    from featinv.explain.score import sample_from
+
+    readings, hits = {}, {}
+    for factor, word_lists in variants.items():
+        r, h = [], []
+        for words in word_lists:
+            imgs = sample_from(prior, encoder.encode_words(words), n, steps=steps, cfg_scale=cfg_scale, seed=seed)
+            h.append(target(imgs.to(prior.device)).hit.cpu())
+            r.append(read_frames(reader, imgs)[factor])
+        readings[factor], hits[factor] = torch.cat(r), torch.cat(h)
+    return sweep_report(readings, hits, factors, class_factor, threshold=threshold)

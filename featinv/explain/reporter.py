@@ -7,6 +7,13 @@ analysed model) reads every frame's factors, and the reporter flags each factor 
 factor whose most frequent value among the frames exceeds its base rate by at least ``threshold``
 (0.3): "the frames over-represent <value> <factor>" is the bias hypothesis. The base rate of a value is its
 probability in the world (independent, uniform factors: 1 / #values) unless measured rates are given.
+
+The frames of one optimised prompt share its words, so every factor the prompt names is over-represented
+among them whether or not the classifier depends on it. ``sweep_report`` is the counterfactual form of the
+same rule: for each non-class factor, the final prompt is sampled with that factor's words swept over all
+its values (same seeds); the frames are the samples the classifier assigns to the class, and the base rate
+is each value's frequency (as read) among all the sweep's samples - a value is over-represented only if
+the classifier prefers it.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Flag", "Report", "report", "read_frames"]
+__all__ = ["Flag", "Report", "report", "sweep_report", "read_frames"]
 
 
 @dataclass
@@ -87,8 +94,36 @@ def report(readings: dict[str, torch.Tensor], factors: dict[str, list[str]], cla
         rep.frequencies[k] = {v: round(float(c), 6) for v, c in zip(values, counts)}
         if k == class_factor:
             continue
-        excess = counts - torch.tensor(base)
-        j = int(excess.argmax())
-        if float(excess[j]) >= threshold - 1e-9:
-            rep.flags.append(Flag(k, values[j], float(counts[j]), float(base[j]), float(excess[j])))
+        _flag(rep, k, values, counts, torch.tensor(base, dtype=counts.dtype), threshold)
     return rep
+
+
+def sweep_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Tensor], factors: dict[str, list[str]],
+                 class_factor: str | None, *, threshold: float = 0.3) -> Report:
+    """The counterfactual rule (module docstring). For each swept factor k: ``readings[k]`` (N_k,) the
+    reader's value of k on every sample of the sweep over k's values, ``hits[k]`` (N_k,) bool the samples the
+    classifier assigns to the class. Flags k if a value's frequency among the hits exceeds its frequency
+    among all N_k samples by ``threshold``; ``n_frames`` counts the hits over all sweeps."""
+    rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
+                 threshold=threshold)
+    for k, values in factors.items():
+        if k == class_factor or k not in readings:
+            continue
+        r, h = readings[k].long(), hits[k].bool()
+        if len(r) != len(h):
+            raise ValueError(f"{k}: {len(r)} readings but {len(h)} hits")
+        base = torch.bincount(r, minlength=len(values)).double() / max(len(r), 1)
+        rep.base_rates[k] = {v: round(float(b), 6) for v, b in zip(values, base)}
+        if not h.any():
+            continue
+        counts = torch.bincount(r[h], minlength=len(values)).double() / int(h.sum())
+        rep.frequencies[k] = {v: round(float(c), 6) for v, c in zip(values, counts)}
+        _flag(rep, k, values, counts, base, threshold)
+    return rep
+
+
+def _flag(rep: Report, factor: str, values: list[str], counts: torch.Tensor, base: torch.Tensor, threshold: float):
+    excess = counts - base
+    j = int(excess.argmax())
+    if float(excess[j]) >= threshold - 1e-9:
+        rep.flags.append(Flag(factor, values[j], float(counts[j]), float(base[j]), float(excess[j])))

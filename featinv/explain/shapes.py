@@ -25,7 +25,7 @@ import torch
 from featinv.explain.prompt import Template
 
 __all__ = ["TEMPLATE", "MLM_PATH", "canonical_corpus", "class_words", "classifier_info",
-           "load_shapes_mlm", "value_words"]
+           "load_shapes_mlm", "slot_variants", "value_words"]
 
 TEMPLATE = Template("a {} {} {} at the {} {} on a {} background",
                     rewrites=[("at the middle center", "in the center"),
@@ -49,6 +49,29 @@ def value_words(factor: str, value: str) -> list[str]:
     if factor == "background" and value == "dark blue":
         return ["blue"]
     return [value]
+
+
+def slot_variants(words: list[str], class_factor: str | None = None) -> dict[str, list[list[str]]]:
+    """For every captioned factor but ``class_factor``: the canonical ``words`` with that factor's slots set
+    to each of its values in turn (the counterfactual report's sweep, ``reporter.sweep_report``)."""
+    world = _world()
+    if len(words) != len(SLOT_FACTORS):
+        raise ValueError(f"expected {len(SLOT_FACTORS)} slot words, got {words}")
+    out = {}
+    for factor, values in world.FACTORS.items():
+        if factor == class_factor:
+            continue
+        slots = [i for i, f in enumerate(SLOT_FACTORS) if f == factor]
+        out[factor] = []
+        for v in values:
+            w = list(words)
+            vw = value_words(factor, v)
+            if len(vw) != len(slots):
+                raise ValueError(f"{factor}={v!r} gives words {vw} for {len(slots)} slots")
+            for i, x in zip(slots, vw):
+                w[i] = x
+            out[factor].append(w)
+    return out
 
 
 def canonical_corpus() -> list[str]:
