@@ -1,7 +1,9 @@
-"""Run ablation configs (configs/ablations/*.yaml) on validation and test digits; one stamped table each.
+"""Run ablation configs (configs/ablations/*.yaml) on validation and test targets; one stamped table each.
 
     python benchmarks/ablation.py configs/ablations/weight.yaml [more.yaml ...] \
         [--n 64] [--val-seeds 0] [--test-seeds 0,1] [--threads 1]
+    python benchmarks/ablation.py configs/ablations/shapes_weight.yaml --choose eval/reader/shape \
+        --show eval/reader/color eval/reader/background      # the shapes world: the reader judges
 
 Each config runs through the real CLI (``featinv predict -c CONFIG``) once per (split, seed):
 ``--data.datasets.init_args.split val|test --data.datasets.init_args.limit N --seed_everything S``
@@ -11,7 +13,8 @@ offline W&B run (group ``ablation-<name>``), with the config's evaluators (the h
 directories with ``featinv.report`` (the code behind ``featinv report``): one report per seed
 directory, then mean ± std over seeds of the per-seed means.
 
-The choice is made on val only: the method with the highest held-out ViT agreement, then the
+The choice is made on val only: the method with the highest ``--choose`` metric (default the held-out
+ViT agreement; in the shapes world the reader's agreement on a factor the encoder keeps), then the
 highest mean final cosine, then the lowest NFE (``unguided`` excluded). Its test row is the number
 to quote. Writes benchmarks/results/ablation_<name>.{md,csv}.
 """
@@ -43,7 +46,19 @@ NOTES = {  # kept in the table when it is regenerated
                 "validation digits and reports on test with two seeds, around the new default preset.\n",
 }
 
-METRICS = ("final_cos", "best_cos", "eval/vit/agree", "eval/vit/cos", "retention/vit/agree", "nfe", "s_per_image")
+BASE = ("final_cos", "best_cos", "nfe", "s_per_image")
+WORLDS = {  # dataset class -> (world, what a target is)
+    "featinv.data.DigitsTargets": ("digits", "digits"),
+    "featinv.data.ShapesTargets": ("shapes", "scenes"),
+}
+
+
+def metrics(choose: str, show: list[str]) -> tuple[str, ...]:
+    """Table metrics: the base columns, the choice metric, the shown ones, and the retention of each
+    evaluator agreement (``featinv.report``)."""
+    evals = [choose, *show]
+    ret = [m.replace("eval/", "retention/") for m in evals if not m.endswith(("/cos", "_conf", "_value"))]
+    return tuple(dict.fromkeys([*BASE, *evals, *ret]))
 
 
 def run(cfg: str, split: str, seed: int, n: int, out: Path, threads: int) -> float:
@@ -57,7 +72,7 @@ def run(cfg: str, split: str, seed: int, n: int, out: Path, threads: int) -> flo
     return time.perf_counter() - t0
 
 
-def per_method(dirs: list[Path]) -> dict[str, dict]:
+def per_method(dirs: list[Path], keys: tuple[str, ...]) -> dict[str, dict]:
     """method -> {metric: (mean over seeds, std over seeds)} from one featinv.report table per directory."""
     seeds: dict[str, list[dict]] = {}
     for d in dirs:
@@ -67,15 +82,16 @@ def per_method(dirs: list[Path]) -> dict[str, dict]:
     out = {}
     for m, rs in seeds.items():
         out[m] = {"n": sum(r["n"] for r in rs), "seeds": len(rs)}
-        for k in METRICS:
+        for k in keys:
             v = [r[k] for r in rs if r.get(k) is not None]
             out[m][k] = (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (None, None)
     return out
 
 
-def choose(val: dict[str, dict]) -> str:
+def choose(val: dict[str, dict], metric: str = "eval/vit/agree") -> str:
+    """Highest ``metric`` on val, then final cosine, then lowest NFE (``unguided`` excluded)."""
     cand = [m for m in val if m != "unguided"]
-    return max(cand, key=lambda m: (val[m]["eval/vit/agree"][0], val[m]["final_cos"][0], -val[m]["nfe"][0]))
+    return max(cand, key=lambda m: (val[m][metric][0], val[m]["final_cos"][0], -val[m]["nfe"][0]))
 
 
 def fmt(ms, digits=4, std=True):
@@ -94,10 +110,14 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (1: robust on shared cores)")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--load", default="", help="free-text note on the machine's load, copied into the table")
+    ap.add_argument("--choose", default="eval/vit/agree", help="evaluator metric the choice on val maximises")
+    ap.add_argument("--show", nargs="*", default=["eval/vit/cos"], help="further evaluator metrics in the table")
     a = ap.parse_args()
+    keys = metrics(a.choose, a.show)
     for cfg in a.configs:
         name = Path(cfg).stem
         spec = yaml.safe_load(Path(cfg).read_text())
+        world, items = WORLDS.get(spec["data"]["datasets"][0]["class_path"], ("?", "targets"))
         dirs, walls = {"val": [], "test": []}, {}
         for split, seeds in (("val", a.val_seeds), ("test", a.test_seeds)):
             for s in (int(x) for x in seeds.split(",")):
@@ -105,38 +125,45 @@ def main():
                 walls[(split, s)] = run(cfg, split, s, a.n, d, a.threads)
                 dirs[split].append(d)
                 print(f"{name}: {split} seed {s} done in {walls[(split, s)]:.0f} s", flush=True)
-        val, test = per_method(dirs["val"]), per_method(dirs["test"])
-        chosen = choose(val)
+        val, test = per_method(dirs["val"], keys), per_method(dirs["test"], keys)
+        chosen = choose(val, a.choose)
         la = os.getloadavg()
         command = (f"python benchmarks/ablation.py {cfg} --n {a.n} --val-seeds {a.val_seeds} "
-                   f"--test-seeds {a.test_seeds} --threads {a.threads}")
+                   f"--test-seeds {a.test_seeds} --threads {a.threads}"
+                   + (f" --choose {a.choose} --show {' '.join(a.show)}" if a.choose != "eval/vit/agree" else ""))
+        split_note = ("validation digits from the train split" if world == "digits" else f"validation {items}")
+        evals = [a.choose, *a.show]
+        cols = [*(f"val {m}" for m in ("final_cos", a.choose)), "test final cos", "test best cos",
+                *(f"test {m}" for m in evals), *(f"test {m}" for m in keys if m.startswith("retention/")),
+                "NFE", "s/image (test)"]
         load_note = a.load or f"shared cores (other jobs running; this one at nice 19), load average {la[0]:.1f} at the end"
-        head = [f"# Ablation `{name}` ({cfg}) on the digits world\n",
+        head = [f"# Ablation `{name}` ({cfg}) on the {world} world\n",
                 f"Commit {commit()}; command `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
                 f"{a.threads} torch thread(s); {load_note}; wall {sum(walls.values()):.0f} s for "
                 f"{len(walls)} runs. Each run: `featinv predict -c {cfg} --data.datasets.init_args.split SPLIT "
                 f"--data.datasets.init_args.limit {a.n} --seed_everything SEED`.\n",
-                f"{spec['model'].get('evaluators')} never guide. Choice on **val** ({a.n} validation digits from the "
-                f"train split, seeds {a.val_seeds}): highest held-out ViT agreement, then final cosine, then lowest "
-                f"NFE. Report on **test** ({a.n} held-out digits, seeds {a.test_seeds}): mean ± std over seeds of the "
-                "per-seed means (`featinv.report` per seed directory). retention = (agree − agree_unguided) / "
-                "(1 − agree_unguided). s/image measured under the load above.\n",
+                f"{spec['model'].get('evaluators')} never guide. Choice on **val** ({a.n} {split_note}, seeds "
+                f"{a.val_seeds}): highest `{a.choose}`, then final cosine, then lowest NFE. Report on **test** "
+                f"({a.n} held-out {items}, seeds {a.test_seeds}): mean ± std over seeds of the per-seed means "
+                "(`featinv.report` per seed directory). retention = (agree − agree_unguided) / (1 − agree_unguided). "
+                "s/image measured under the load above.\n",
                 *([NOTES[name]] if name in NOTES else []),
-                f"**Chosen on val: `{chosen}`** (test: final cos {fmt(test[chosen]['final_cos'])}, ViT agreement "
-                f"{fmt(test[chosen]['eval/vit/agree'], 3)}).\n",
-                "| method | val final cos | val ViT agree | test final cos | test best cos | test ViT agree | test ViT cos "
-                "| test retention | NFE | s/image (test) |", "|" + "---|" * 10]
+                f"**Chosen on val: `{chosen}`** (test: final cos {fmt(test[chosen]['final_cos'])}, `{a.choose}` "
+                f"{fmt(test[chosen][a.choose], 3)}).\n",
+                "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         rows = []
         for m in test:
             v, t = val.get(m, {}), test[m]
             mark = f"**{m}** (chosen)" if m == chosen else m
-            head.append(f"| {mark} | {fmt(v.get('final_cos', (None, None)), std=False)} | "
-                        f"{fmt(v.get('eval/vit/agree', (None, None)), 3, std=False)} | {fmt(t['final_cos'])} | "
-                        f"{fmt(t['best_cos'])} | {fmt(t['eval/vit/agree'], 3)} | {fmt(t['eval/vit/cos'])} | "
-                        f"{fmt(t['retention/vit/agree'], 3)} | {t['nfe'][0]:.0f} | {t['s_per_image'][0]:.3f} |")
+            cells = [fmt(v.get("final_cos", (None, None)), std=False), fmt(v.get(a.choose, (None, None)), 3, std=False),
+                     fmt(t["final_cos"]), fmt(t["best_cos"]),
+                     *(fmt(t[k], 4 if k.endswith("/cos") else 3) for k in evals),
+                     *(fmt(t[k], 3) for k in keys if k.startswith("retention/")),
+                     f"{t['nfe'][0]:.0f}", f"{t['s_per_image'][0]:.3f}"]
+            head.append(f"| {mark} | " + " | ".join(cells) + " |")
             rows.append({"method": m, "chosen_on_val": m == chosen,
-                         **{f"val_{k}": v.get(k, (None,))[0] for k in ("final_cos", "eval/vit/agree")},
-                         **{f"test_{k}": t[k][0] for k in METRICS}, **{f"test_{k}_std": t[k][1] for k in METRICS},
+                         **{f"val_{k}": v.get(k, (None,))[0] for k in ("final_cos", a.choose)},
+                         **{f"test_{k}": t[k][0] for k in keys}, **{f"test_{k}_std": t[k][1] for k in keys},
                          "test_n": t["n"], "commit": commit()})
         Path(a.results).mkdir(parents=True, exist_ok=True)
         with open(f"{a.results}/ablation_{name}.csv", "w", newline="") as f:
