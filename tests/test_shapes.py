@@ -194,6 +194,34 @@ def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
 
 
 @pytest.mark.slow
+def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path):
+    """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored
+    model's), trains with the object-weighted loss and records itself inside meta.json's shapes-sd entry."""
+    import shutil
+
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train as ST
+    from featinv.zoo.shapes import train_sd
+
+    shutil.copytree(S.sd_dir("shapes-sd"), tmp_path / "shapes-sd", symlinks=False)
+    (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": {"steps": 1, "fidelity": {"x": 1}}}))
+    pipe = S.load_pipeline("shapes-sd")
+    before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert before["color"] > 5 * before["position"]  # the committed prior: colour matters, position barely
+    ST.run(["shapes-unet-ft"], tmp_path, seed=0, scale=0.002)
+    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    assert meta["steps"] == 1 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
+    ft = meta["finetune"]
+    assert ft["init_from"] == "shapes-sd" and "object coverage" in ft["loss"] and ft["steps"] == 8
+    assert set(ft["conditioning_probe"]) == {"position", "shape", "color", "size", "background"}
+    after = S.load_pipeline(tmp_path / "shapes-sd")
+    changed = [not torch.equal(a, b) for a, b in zip(after.unet.parameters(), pipe.unet.parameters())]
+    assert any(changed)
+    # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
+    assert abs(ft["conditioning_probe"]["color"] - before["color"]) < 0.1 * before["color"]
+
+
+@pytest.mark.slow
 def test_ledits_pp_inverts_and_edits_at_32px():
     from diffusers import LEditsPPPipelineStableDiffusion
 

@@ -1,7 +1,8 @@
 """Train every shapes-world model from scratch (``python -m featinv.zoo.train --what shapes``).
 
 Stages, in this order (judges first; the prior is the long pole): ``shapes-reader``, ``shapes-detector``,
-``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
+``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-unet-ft`` (continues it with the object-weighted
+loss; recorded as ``shapes-sd.finetune``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
 ``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``,
 ``shapes-probes``. ``--what shapes`` runs all; any comma list of stage names runs those. Each stage
 is seeded (``seed`` + a fixed per-stage offset), trains on train renders only, evaluates on test renders,
@@ -23,8 +24,8 @@ import torch
 from featinv.zoo.provenance import env_info, save_weights, update_meta
 from featinv.zoo.shapes import world as W
 
-STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-multi-unet", "shapes-shape",
-          "shapes-color", "shapes-invariant", "shapes-clip", "shapes-targets", "shapes-probes")
+STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-unet-ft", "shapes-multi-unet",
+          "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip", "shapes-targets", "shapes-probes")
 # Hyper-parameters of every stage (steps and n are multiplied by --shapes-scale).
 CONFIG = {
     "shapes-reader": dict(seed_offset=1000, n=40000, steps=2500, batch=128, lr=2e-3, width=48),
@@ -32,6 +33,8 @@ CONFIG = {
     "shapes-vae": dict(seed_offset=0, n_single=30000, n_multi=10000, batch=64, kl_weight=1e-9,
                        phases=[[1500, 1e-3, 10.0, False], [1000, 5e-4, 10.0, False], [1500, 3e-4, 10.0, True]]),
     "shapes-unet": dict(seed_offset=0, n=50000, steps=2500, batch=128, lr=1e-3, ema_decay=0.999),
+    # continues shapes-unet with the object-weighted loss (train_sd.train_unet: object_weight)
+    "shapes-unet-ft": dict(seed_offset=2, n=50000, steps=2000, batch=128, lr=5e-4, ema_decay=0.999, object_weight=4.0),
     "shapes-multi-unet": dict(seed_offset=1, n=30000, steps=800, batch=128, lr=1e-3, ema_decay=0.998),
     "shapes-shape": dict(seed_offset=10, n=30000, steps=1000, batch=128, lr=2e-3),
     "shapes-color": dict(seed_offset=11, n=30000, steps=400, batch=128, lr=2e-3),
@@ -174,9 +177,20 @@ def probes_stage(out: Path, seed: int, c: dict, log=print) -> dict:
     return probes.run_probes(out, seed=seed, n_train=c["n_train"], n_val=c["n_val"], n_test=c["n_test"])
 
 
+def finetune_unet_stage(out: Path, seed: int, c: dict, log=print) -> dict:
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train_sd
+
+    folder, info = train_sd.train_unet("shapes-sd", "single", out, seed=seed, steps=c["steps"], batch=c["batch"],
+                                       lr=c["lr"], n_train=c["n"], ema_decay=c["ema_decay"],
+                                       init_from=S.sd_dir("shapes-sd", out), object_weight=c["object_weight"],
+                                       log=log)
+    return dict(folder=folder.name, **info)
+
+
 RUNNERS = {
     "shapes-reader": train_reader, "shapes-detector": train_detector, "shapes-vae": train_vae_stage,
-    "shapes-unet": train_unet_stage("shapes-sd", "single"),
+    "shapes-unet": train_unet_stage("shapes-sd", "single"), "shapes-unet-ft": finetune_unet_stage,
     "shapes-multi-unet": train_unet_stage("shapes-multi-sd", "multi"),
     "shapes-shape": train_encoder_stage("shapes-shape"), "shapes-color": train_encoder_stage("shapes-color"),
     "shapes-invariant": train_encoder_stage("shapes-invariant"), "shapes-clip": train_clip_stage,
@@ -211,6 +225,13 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
                      hyperparameters=c, load_average_1min=dict(start=round(load0, 2), end=round(os.getloadavg()[0], 2)),
                      **env_info())
         name = META_NAME.get(stage, stage)
+        if stage == "shapes-unet-ft":  # recorded inside shapes-sd; its fidelity must be measured again
+            path = out / "meta.json"
+            sd = json.loads(path.read_text()).get("shapes-sd", {}) if path.exists() else {}
+            if "fidelity" in sd:
+                sd["fidelity_before_finetune"] = sd.pop("fidelity")
+            entry = dict(sd, finetune=_clean(entry))
+            name = "shapes-sd"
         update_meta(out, name, _clean(entry))
         results[stage] = entry
         print(f"== {stage} done in {time.time() - t0:.0f}s ==", flush=True)
