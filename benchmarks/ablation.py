@@ -136,7 +136,7 @@ def main():
         cols = [*(f"val {m}" for m in ("final_cos", a.choose)), "test final cos", "test best cos",
                 *(f"test {m}" for m in evals), *(f"test {m}" for m in keys if m.startswith("retention/")),
                 "NFE", "s/image (test)"]
-        load_note = a.load or f"shared cores (other jobs running; this one at nice 19), load average {la[0]:.1f} at the end"
+        load_note = a.load or f"shared cores (other jobs may be running), load average {la[0]:.1f} at the end"
         head = [f"# Ablation `{name}` ({cfg}) on the {world} world\n",
                 f"Commit {commit()}; command `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
                 f"{a.threads} torch thread(s); {load_note}; wall {sum(walls.values()):.0f} s for "
