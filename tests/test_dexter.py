@@ -351,6 +351,7 @@ model:
     reader: dxtest:reader
     config: {{steps: {steps}, sample_steps: 2, batch: 2, score_samples: 4}}
     samples_shown: 4
+    sweep_samples: 2
 data:
   class_path: featinv.data.TargetDataModule
   init_args:
@@ -377,6 +378,7 @@ def test_featinv_predict_writes_records_and_resume_skips_them(registered, tmp_pa
         assert r["method"] == "dexter" and len(r["words"]) == 6 and r["steps_run"] == 3 and r["fingerprint"]
         assert 0 <= r["activation_score"] <= 1 and math.isfinite(r["activation_mean_value"])
         assert isinstance(r["report"], str) and isinstance(r["flags"], list) and len(r["distances"]) == 3
+        assert isinstance(r["sweep_report"], str) and isinstance(r["sweep_flags"], list)  # the counterfactual rule
         assert (out / r["image"]).exists()
     assert json.loads((out / "run.json").read_text())["methods"]["dexter"]["steps"] == 3
     assert list((out / "wandb").glob("offline-run-*"))
@@ -413,6 +415,8 @@ def test_module_diffexplainer_mode_and_hidden_unit(registered):
             assert all(r[2] == pytest.approx(-r[4], abs=1e-4) for r in trace[1])
     with pytest.raises(ValueError, match="unit"):
         DexterModule(prior="dxtest:prior", mode="dexter", unit=3, layer="body.4", reader=None)
+    with pytest.raises(ValueError, match="sweep_samples=-1 is invalid"):
+        DexterModule(prior="dxtest:prior", mode="dexter", reader=None, sweep_samples=-1)
 
 
 def test_notebook_executes_reduced(monkeypatch):

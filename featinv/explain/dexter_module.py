@@ -87,6 +87,8 @@ class DexterModule(AnalysisModule):
         template: ``{text, rewrites}`` or a ``Template`` (default: the world's).
         reader: judge spec (``zoo:shapes-reader``) reading the frames for the report; null: no report.
         threshold: the reporter's excess over the base rate (0.3).
+        sweep_samples: DEXTER in the shapes world: samples per variant prompt of the counterfactual report
+            (``reporter.sweep_report``: each non-class factor's words swept over its values); 0: none.
         unit, layer: DiffExplainer's hidden-unit mode: maximise unit ``unit`` of the classifier at ``layer``.
         name: the method name in records (default: the mode).
         frames_shown, samples_shown: images per item in the frames / samples grids.
@@ -96,7 +98,7 @@ class DexterModule(AnalysisModule):
                  world: str | None = "shapes", mlm: Any = None, template: Any = None, reader: str | None = "zoo:shapes-reader",
                  factors: dict[str, list[str]] | None = None, threshold: float = 0.3, unit: int | None = None,
                  layer: str | None = None, seed: int = 0, name: str | None = None, frames_shown: int = 16,
-                 samples_shown: int = 16):
+                 samples_shown: int = 16, sweep_samples: int = 16):
         super().__init__()
         objects = (("prior", prior), ("mlm", mlm), ("template", template), ("reader", reader))
         self.save_hyperparameters(ignore=[k for k, v in objects if not isinstance(v, (str, dict, type(None)))])
@@ -107,6 +109,9 @@ class DexterModule(AnalysisModule):
         bad = sorted(set(config or {}) - known)
         if bad:
             raise ValueError(f"model.config: unknown {mode} option(s) {bad}; options: {sorted(known)}")
+        if not isinstance(sweep_samples, int) or isinstance(sweep_samples, bool) or sweep_samples < 0:
+            raise ValueError(f"model.sweep_samples={sweep_samples!r} is invalid; it must be an integer >= 0")
+        self.sweep_samples = sweep_samples
         self.mode, self.cfg = mode, cfg_cls(**{**(config or {}), "seed": seed})
         self.seed, self.threshold, self.unit, self.layer = seed, float(threshold), unit, layer
         if unit is not None and (mode != "diffexplainer" or not layer):
@@ -197,6 +202,10 @@ class DexterModule(AnalysisModule):
         class_factor = batch["class_factor"][b] or None
         kw = dict(reader=self.reader, factors=self.factors, class_factor=class_factor, threshold=self.threshold)
         if self.mode == "dexter":
+            if self.world == "shapes" and self.reader is not None and self.sweep_samples:
+                from featinv.explain.shapes import slot_variants
+
+                kw.update(variants=lambda w: slot_variants(w, class_factor), sweep_samples=self.sweep_samples)
             res = run_dexter(self.prior, clf, k, mlm=self.mlm, template=self.template, config=self.cfg, **kw)
             trace_cols = ["restart", "step", "words", "targets", "ce", "mlm", "hit_rate", "value"]
             curve = [r["ce"] for r in res.trace]
@@ -229,6 +238,13 @@ class DexterModule(AnalysisModule):
                        false_flags=sum(f != truth for f in rep.flagged_factors))
             pred["tables"][f"report/{dataset}_{index:04d}"] = (
                 ["factor", "top value", "frequency", "base rate", "excess", "flagged"], rep.rows())
+        if getattr(res, "sweep", None) is not None:
+            sw = res.sweep
+            rec.update(sweep_report=sw.text(), sweep_flags=[f"{f.factor}={f.value}" for f in sw.flags],
+                       sweep_bias_found=(truth in sw.flagged_factors) if truth else None,
+                       sweep_false_flags=sum(f != truth for f in sw.flagged_factors))
+            pred["tables"][f"sweep_report/{dataset}_{index:04d}"] = (
+                ["factor", "top value", "frequency", "base rate", "excess", "flagged"], sw.rows())
         pred["tables"][f"prompt_trace/{dataset}_{index:04d}"] = (trace_cols, [[r[c] for c in trace_cols] for r in res.trace])
         # images: frames (what the reporter read) and samples of the final prompt (the activation score's)
         samples = res.activation["images"]  # the activation score's samples of the final prompt
