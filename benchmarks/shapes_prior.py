@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", type=Path, default=S.WEIGHTS_DIR)
     ap.add_argument("--no-meta", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the tables (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
 def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
     import torchvision
 
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     cmd = "HF_HUB_OFFLINE=1 python benchmarks/shapes_prior.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     stamp = dict(commit=commit(), command=cmd.strip(), seed=args.seed, n=args.n, n_val=args.n_val, ddim_steps=args.steps,
                  machine=f"{platform.machine()} CPU, torch threads={torch.get_num_threads()}",
@@ -162,8 +163,8 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
     res["stamp"] = stamp
     up = lambda a: torch.nn.functional.interpolate(a[:16], scale_factor=2, mode="nearest")  # noqa: E731
     grid = torch.cat([up(gen_t), up(gen_e), up(gen_m)])
-    torchvision.utils.save_image(grid, RESULTS / "shapes_prior_grid.png", nrow=16, padding=2, pad_value=0.5)
-    (RESULTS / "shapes_prior_grid.txt").write_text(
+    torchvision.utils.save_image(grid, args.results / "shapes_prior_grid.png", nrow=16, padding=2, pad_value=0.5)
+    (args.results / "shapes_prior_grid.txt").write_text(
         "row 1: test captions (left to right):\n" + "\n".join(W.captions(rt[:16])) + "\nrow 2: empty prompt\n"
         "row 3: multi-object test captions:\n" + "\n".join(W.captions(rm[:16])) + "\n")
     cs, es, cm = res["caption_single"], res["empty_prompt"], res["caption_multi"]
@@ -201,13 +202,13 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
               "![samples](shapes_prior_grid.png)\n",
               "Rows: test captions (single), empty prompt, multi-object test captions; captions in "
               "`shapes_prior_grid.txt`.\n"]
-    (RESULTS / "shapes_prior.md").write_text("\n".join(lines))
-    with open(RESULTS / "shapes_prior.csv", "w", newline="") as fh:
+    (args.results / "shapes_prior.md").write_text("\n".join(lines))
+    with open(args.results / "shapes_prior.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["images", *F_, "all"])
         for r in rows:
             w.writerow(r)
-    (RESULTS / "shapes_prior.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.results / "shapes_prior.json").write_text(json.dumps(res, indent=1) + "\n")
     if not args.no_meta:
         path = args.weights / "meta.json"
         meta = json.loads(path.read_text())
