@@ -193,6 +193,17 @@ def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_training_stages_expand_in_order_and_optional_ones_only_when_named():
+    from featinv.zoo.shapes import train as ST
+
+    full = ST.expand(["shapes"])
+    assert full[:4] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet"]  # judges, then the prior
+    assert "shapes-unet-ft" not in full and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
+    assert ST.expand(["shapes-color", "shapes-reader"]) == ["shapes-reader", "shapes-color"]
+    with pytest.raises(ValueError, match="unknown shapes stage"):
+        ST.expand(["shapes-nope"])
+
+
 @pytest.mark.slow
 def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path):
     """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored

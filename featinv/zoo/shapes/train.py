@@ -1,8 +1,8 @@
 """Train every shapes-world model from scratch (``python -m featinv.zoo.train --what shapes``).
 
 Stages, in this order (judges first; the prior is the long pole): ``shapes-reader``, ``shapes-detector``,
-``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-unet-ft`` (continues it with the object-weighted
-loss; recorded as ``shapes-sd.finetune``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
+``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-unet-ft`` (opt-in, run only when named: continues
+it with the object-weighted loss; recorded as ``shapes-sd.finetune``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
 ``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``,
 ``shapes-probes``. ``--what shapes`` runs all; any comma list of stage names runs those. Each stage
 is seeded (``seed`` + a fixed per-stage offset), trains on train renders only, evaluates on test renders,
@@ -43,6 +43,9 @@ CONFIG = {
     "shapes-targets": dict(seed_offset=30, n=20000, steps=500, batch=128, lr=3e-3, width=16),
     "shapes-probes": dict(seed_offset=40, n_train=5000, n_val=2000, n_test=2000),
 }
+# opt-in stages (run only when named): not shown to help yet. shapes-unet-ft, 2026-11-24: after 750 of
+# 2000 steps the conditioning probe had not moved (position 0.010 -> 0.011, shape 0.029 -> 0.028).
+OPTIONAL = ("shapes-unet-ft",)
 N_TEST = 4000  # test renders every classifier is evaluated on
 
 
@@ -201,7 +204,7 @@ META_NAME = {"shapes-unet": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd"}
 
 def expand(what: list[str]) -> list[str]:
     """``shapes`` -> every stage; keeps STAGES order."""
-    sel = set(STAGES) if "shapes" in what else set(what)
+    sel = (set(STAGES) - set(OPTIONAL)) | set(what) - {"shapes"} if "shapes" in what else set(what)
     bad = sel - set(STAGES)
     if bad:
         raise ValueError(f"unknown shapes stage(s) {sorted(bad)}; choose from 'shapes' or {', '.join(STAGES)}")
