@@ -154,7 +154,7 @@ def _captions(rows: np.ndarray, gen: np.random.Generator, p_empty: float, p_part
 def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch: int, lr: float, n_train: int,
                ema_decay: float, p_empty: float = 0.1, p_partial: float = 0.15, snr_gamma: float = 5.0,
                unet_over: dict | None = None, init_from: Path | None = None, object_weight: float = 0.0,
-               warmup_steps: int = 200, log=print) -> tuple[Path, dict]:
+               log=print) -> tuple[Path, dict]:
     """Train (or, with ``init_from`` an SD folder, continue training) the UNet and text encoder of a shapes
     SD folder on the VAE's latents. ``object_weight`` > 0 weights the loss on the latent cells the objects
     cover by 1 + object_weight (the renderer's masks pooled to the latent grid): the object is a few of the
@@ -189,7 +189,7 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     gen, cap_rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     acp = sched.alphas_cumprod
     snr = acp / (1 - acp)
-    warmup = min(warmup_steps, steps // 10)
+    warmup = min(200, steps // 10)
     log(f"[{name}] UNet {_n(unet):,} + text {_n(text):,} params, {steps} steps, batch {batch}, lr {lr}")
     perm, pos, run, times, t0 = torch.randperm(len(mu), generator=gen), 0, None, [], time.time()
     c0 = time.process_time()
