@@ -274,6 +274,8 @@ def main():
     sh.add_argument("--n-val", type=int, default=300)
     sh.add_argument("--n-test", type=int, default=500)
     sh.add_argument("--influence-images", type=int, default=256)
+    sh.add_argument("--influence-on", choices=["probabilities", "logits"], default="probabilities",
+                    help="what the influence test measures (RCAV: probabilities; saturated classifiers: logits)")
     sh.add_argument("--baseline-positions", type=int, default=8000)
     sh.add_argument("--prior", default="zoo:shapes-sd")
     sh.add_argument("--reader", default="zoo:shapes-reader")

@@ -82,7 +82,8 @@ def analyse_classifier(spec, data, args, log) -> dict:
         s, c = cf.mean("success"), cf.mean("control")
         cf_val[k] = (s - c) if s is not None else float("-inf")
     cf_k = max(cf_val, key=cf_val.get)
-    cfg = LayerConfig(n_directions=I, eddp=eddp_config(args), cf_k=cf_k, influence_images=args.influence_images)
+    cfg = LayerConfig(n_directions=I, eddp=eddp_config(args), cf_k=cf_k, influence_images=args.influence_images,
+                      influence_on=args.influence_on)
     reports = {"EDDP": score_components(comp, split, X_test, test, cs, cfg, torch.zeros(I), fit_X, args.seed, pairs)}
     log(f"{spec}: chose I={I}, cf_k={cf_k}; EDDP test {reports['EDDP'].summary()}")
     # baselines
@@ -94,7 +95,8 @@ def analyse_classifier(spec, data, args, log) -> dict:
     for bl in fit_all(flat[sub], I, plabels, seed=args.seed, sae_epochs=args.sae_epochs):
         bl, thr, ch = choose(bl, flat, X_val, split.hw, val.masks)
         choice[bl.name] = ch
-        bcfg = LayerConfig(n_directions=bl.S.shape[1], cf_k=cf_k, influence_images=args.influence_images)
+        bcfg = LayerConfig(n_directions=bl.S.shape[1], cf_k=cf_k, influence_images=args.influence_images,
+                           influence_on=args.influence_on)
         reports[bl.name] = score_components(bl, split, X_test, test, cs, bcfg, thr, fit_X, args.seed)
         log(f"{spec}: {bl.name} {reports[bl.name].summary()}")
     return dict(spec=spec, split=split, accuracy=acc, I=I, val_scores=val_scores, cf_val=cf_val, cf_k=cf_k,
@@ -215,7 +217,7 @@ def markdown(results, am, args, header: str) -> str:
          "object's pixels, background values on the background's pixels, any/object, any/background; a direction's "
          "label is its best-IoU concept if IoU >= 0.04 (Network Dissection), detections = W^T x - b > 0 upsampled "
          "bilinearly to 32x32. Influence: RCAV step alpha = median coordinate spread of the directions, "
-         f"{args.influence_images} test images, permutation test with 2 I C / 0.05 permutations, p < 0.05 / (I C) "
+         f"change of the class {args.influence_on} (f+), {args.influence_images} test images, permutation test with 2 I C / 0.05 permutations, p < 0.05 / (I C) "
          "(Bonferroni); RCAV null = random data directions (one shared null set), paired null = random signs of the "
          "per-image changes. Counterfactual: every position of a test image moved by k sigma_i along s_i; success = "
          "the prediction becomes the class the direction's label names (only directions labelled with a class of the "

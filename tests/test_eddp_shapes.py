@@ -133,6 +133,30 @@ def test_dissection_labels_planted_detectors_by_their_masks(planted):
     assert label(dissect(-torch.ones(200, 1, 8, 8), torch.zeros(1), masks), cs.names).names == [("unlabelled", "")]
 
 
+def test_influence_on_logits_sees_what_saturated_probabilities_hide(planted):
+    """With the planted head made saturated (weights x20: logit margin ~ 56 on a red image) a step along the
+    red direction cannot move the probabilities of an image already classified with p ~ 1, but moves its
+    logits by exactly alpha * W s / |s| (f+ is linear in the pooled activation)."""
+    from types import SimpleNamespace
+
+    from featinv.explain.eddp_world import LayerConfig
+    from featinv.explain.influence import rcav_influence
+
+    with torch.no_grad():
+        planted.encoder.model.head.weight.mul_(20)
+    img, _, lab = planted_world(64, seed=3)
+    X = planted.activations(img[lab["kind"] == 0])                 # red images: p(red) ~ 1 already
+    pairs = SimpleNamespace(S=torch.eye(3)[:, :1])
+    kw = dict(alpha=0.5, n_perm=80, seed=0, output="probs", test="paired")
+    prob = rcav_influence(pairs, X, planted.f_plus, **kw)
+    logit = rcav_influence(pairs, X, planted.logits, **kw)
+    assert prob.effect.abs().max() < 1e-6
+    assert logit.effect[0].tolist() == pytest.approx([0.5 * 200, -0.5 * 200], rel=1e-5)
+    assert logit.significant[0].all() and not prob.significant.any()
+    with pytest.raises(ValueError, match="influence_on='logit' is invalid"):
+        LayerConfig(influence_on="logit")
+
+
 # -- counterfactuals -------------------------------------------------------------------------------------
 def test_counterfactual_along_the_planted_direction_flips_the_prediction(planted):
     img, _, lab = planted_world(100, seed=1)

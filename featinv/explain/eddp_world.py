@@ -56,6 +56,11 @@ class LayerConfig:
     tests: tuple = ("rcav", "paired")
     shared_null: bool = True   # one RCAV null set for all directions (``influence`` docstring)
     influence_images: Optional[int] = 256  # evaluation images the influence test runs on (None: all)
+    influence_on: str = "probabilities"  # what the influence test measures: "probabilities" (RCAV) or "logits"
+
+    def __post_init__(self):
+        if self.influence_on not in ("probabilities", "logits"):
+            raise ValueError(f"influence_on={self.influence_on!r} is invalid; it must be 'probabilities' or 'logits'")
 
     def eddp_config(self) -> EDDPConfig:
         return PRESETS[self.eddp] if isinstance(self.eddp, str) else self.eddp
@@ -148,7 +153,9 @@ def score_components(comp: Components, split: LayerSplit, X: Tensor, data: World
     n_tests = comp.S.shape[1] * len(split.classes())
     n_perm = cfg.n_perm or 2 * math.ceil(n_tests / cfg.level)
     n_inf = len(X) if cfg.influence_images is None else min(len(X), cfg.influence_images)
-    influence = {t: rcav_influence(comp, X[:n_inf], split.f_plus, alpha=alpha, n_perm=n_perm, seed=seed,
+    # a saturated classifier's probabilities barely move; its logits do (influence_on="logits")
+    f_out = split.f_plus if cfg.influence_on == "probabilities" else split.logits
+    influence = {t: rcav_influence(comp, X[:n_inf], f_out, alpha=alpha, n_perm=n_perm, seed=seed,
                                    level=cfg.level, output="probs", positives=positives[: n_inf * X.shape[1]],
                                    test=t, shared_null=cfg.shared_null) for t in cfg.tests}
     classes = split.classes()
