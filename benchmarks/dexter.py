@@ -142,18 +142,15 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
         res = run_diffexplainer(prior, clf, TEMPLATE, words, target_class=k,
                                 config=DiffExplainerConfig(**cfg, seed=seed), **kw)
     samples = res.activation["images"]  # the activation score's samples of the final prompt
-    rep = res.report
     truth = info["bias_factor"]
+    truth_value = info["bias_values"][k] if truth else None
     row = dict(classifier=name, class_index=k, class_name=value, class_factor=factor, bias_factor=truth or "",
-               bias_value=info["bias_values"][k] if truth else "", mode=mode, words=" ".join(res.words),
+               bias_value=truth_value or "", mode=mode, words=" ".join(res.words),
                prompt=res.prompt, activation_score=res.activation["score"],
-               reader_class=reader_rate(reader, samples, factor, k),
-               n_frames=len(res.frames), flags=";".join(f"{f.factor}={f.value}" for f in rep.flags),
-               bias_found=(truth in rep.flagged_factors) if truth else "",
-               bias_value_found=any(f.factor == truth and f.value == info["bias_values"][k] for f in rep.flags) if truth else "",
-               false_flags=sum(f != truth for f in rep.flagged_factors),
+               reader_class=reader_rate(reader, samples, factor, k), n_frames=len(res.frames),
+               **_flags(res.report, truth, truth_value, ""),
                class_word=_contains(list(res.words), class_words(factor, value)),
-               **(_flags(res.sweep, truth, info["bias_values"][k] if truth else None, "sweep_") if res.sweep else {}),
+               **(_flags(res.sweep, truth, truth_value, "sweep_") if res.sweep else {}),
                steps_run=len(res.trace), seconds=round(res.seconds, 1))
     if mode == "diffexplainer":
         row["activation_score_words"] = res.activation_words["score"]

@@ -231,20 +231,15 @@ class DexterModule(AnalysisModule):
         rec["class_word_in_prompt"] = _contains(list(res.words), cw)
         truth = batch["bias_factor"][b] or None
         rec["bias_factor"] = truth
-        if res.report is not None:
-            rep = res.report
-            rec.update(report=rep.text(), flags=[f"{f.factor}={f.value}" for f in rep.flags],
-                       flagged_factors=rep.flagged_factors, bias_found=(truth in rep.flagged_factors) if truth else None,
-                       false_flags=sum(f != truth for f in rep.flagged_factors))
-            pred["tables"][f"report/{dataset}_{index:04d}"] = (
+        for prefix, rep in (("", res.report), ("sweep_", getattr(res, "sweep", None))):
+            if rep is None:
+                continue
+            rec.update({prefix + "report": rep.text(), prefix + "flags": [f"{f.factor}={f.value}" for f in rep.flags],
+                        prefix + "flagged_factors": rep.flagged_factors,
+                        prefix + "bias_found": (truth in rep.flagged_factors) if truth else None,
+                        prefix + "false_flags": sum(f != truth for f in rep.flagged_factors)})
+            pred["tables"][f"{prefix}report/{dataset}_{index:04d}"] = (
                 ["factor", "top value", "frequency", "base rate", "excess", "flagged"], rep.rows())
-        if getattr(res, "sweep", None) is not None:
-            sw = res.sweep
-            rec.update(sweep_report=sw.text(), sweep_flags=[f"{f.factor}={f.value}" for f in sw.flags],
-                       sweep_bias_found=(truth in sw.flagged_factors) if truth else None,
-                       sweep_false_flags=sum(f != truth for f in sw.flagged_factors))
-            pred["tables"][f"sweep_report/{dataset}_{index:04d}"] = (
-                ["factor", "top value", "frequency", "base rate", "excess", "flagged"], sw.rows())
         pred["tables"][f"prompt_trace/{dataset}_{index:04d}"] = (trace_cols, [[r[c] for c in trace_cols] for r in res.trace])
         # images: frames (what the reporter read) and samples of the final prompt (the activation score's)
         samples = res.activation["images"]  # the activation score's samples of the final prompt
