@@ -51,7 +51,7 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     if dex:
         act = np.array([r["activation_score"] for r in dex])
         frame = bias_prf(dex)
-        prf = bias_prf(dex, "sweep_") if "sweep_flags" in dex[0] else frame
+        prf = bias_prf(dex, "sweep_")
         unb = [r for r in dex if not r["bias_factor"]]
         cw = float(np.mean([r["class_word"] for r in unb])) if unb else float("nan")
         am = {m: float(np.mean([r[f"{m}_success"] for r in dex])) for m in ("pixel", "fourier", "guided")

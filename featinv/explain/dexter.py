@@ -243,16 +243,22 @@ def slot_sweep(prior, target, encoder: SlotTextEncoder, variants: dict[str, list
                seed: int, threshold: float = 0.3):
     """The counterfactual report (``reporter.sweep_report``): ``n`` samples of each variant of the final
     words (noise of sample i from seed ``seed + i`` for every variant), read by ``reader`` and scored by
-    ``target``."""
+    ``target``. A variant shared by several factors' sweeps (the final words themselves) is sampled once."""
     from featinv.explain.reporter import read_frames, sweep_report
     from featinv.explain.score import sample_from
 
+    done: dict[tuple[str, ...], tuple[torch.Tensor, dict]] = {}
+
+    def scored(words):  # (hits (n,), reader values {factor: (n,)}) of one variant
+        key = tuple(words)
+        if key not in done:
+            imgs = sample_from(prior, encoder.encode_words(words), n, steps=steps, cfg_scale=cfg_scale, seed=seed)
+            done[key] = target(imgs.to(prior.device)).hit.cpu(), read_frames(reader, imgs)
+        return done[key]
+
     readings, hits = {}, {}
     for factor, word_lists in variants.items():
-        r, h = [], []
-        for words in word_lists:
-            imgs = sample_from(prior, encoder.encode_words(words), n, steps=steps, cfg_scale=cfg_scale, seed=seed)
-            h.append(target(imgs.to(prior.device)).hit.cpu())
-            r.append(read_frames(reader, imgs)[factor])
-        readings[factor], hits[factor] = torch.cat(r), torch.cat(h)
+        parts = [scored(words) for words in word_lists]
+        hits[factor] = torch.cat([h for h, _ in parts])
+        readings[factor] = torch.cat([r[factor] for _, r in parts])
     return sweep_report(readings, hits, factors, class_factor, threshold=threshold)
