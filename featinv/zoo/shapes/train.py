@@ -141,12 +141,15 @@ def train_vae_stage(out: Path, seed: int, c: dict, log=print) -> dict:
     return dict(folders=[f"{n}/vae" for n in ("shapes-sd", "shapes-multi-sd")], **info)
 
 
-def train_unet_stage(name: str, mode: str):
+def train_unet_stage(name: str, mode: str, finetune: bool = False):
+    """A UNet stage; ``finetune``: continue the stored ``name`` UNet with the config's ``object_weight``."""
     def run(out: Path, seed: int, c: dict, log=print) -> dict:
+        from featinv.zoo.shapes import sd as S
         from featinv.zoo.shapes import train_sd
 
+        extra = dict(init_from=S.sd_dir(name, out), object_weight=c["object_weight"]) if finetune else {}
         folder, info = train_sd.train_unet(name, mode, out, seed=seed, steps=c["steps"], batch=c["batch"], lr=c["lr"],
-                                           n_train=c["n"], ema_decay=c["ema_decay"], log=log)
+                                           n_train=c["n"], ema_decay=c["ema_decay"], log=log, **extra)
         return dict(folder=folder.name, **info)
     return run
 
@@ -180,20 +183,9 @@ def probes_stage(out: Path, seed: int, c: dict, log=print) -> dict:
     return probes.run_probes(out, seed=seed, n_train=c["n_train"], n_val=c["n_val"], n_test=c["n_test"])
 
 
-def finetune_unet_stage(out: Path, seed: int, c: dict, log=print) -> dict:
-    from featinv.zoo.shapes import sd as S
-    from featinv.zoo.shapes import train_sd
-
-    folder, info = train_sd.train_unet("shapes-sd", "single", out, seed=seed, steps=c["steps"], batch=c["batch"],
-                                       lr=c["lr"], n_train=c["n"], ema_decay=c["ema_decay"],
-                                       init_from=S.sd_dir("shapes-sd", out), object_weight=c["object_weight"],
-                                       log=log)
-    return dict(folder=folder.name, **info)
-
-
 RUNNERS = {
     "shapes-reader": train_reader, "shapes-detector": train_detector, "shapes-vae": train_vae_stage,
-    "shapes-unet": train_unet_stage("shapes-sd", "single"), "shapes-unet-ft": finetune_unet_stage,
+    "shapes-unet": train_unet_stage("shapes-sd", "single"), "shapes-unet-ft": train_unet_stage("shapes-sd", "single", finetune=True),
     "shapes-multi-unet": train_unet_stage("shapes-multi-sd", "multi"),
     "shapes-shape": train_encoder_stage("shapes-shape"), "shapes-color": train_encoder_stage("shapes-color"),
     "shapes-invariant": train_encoder_stage("shapes-invariant"), "shapes-clip": train_clip_stage,
