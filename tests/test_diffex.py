@@ -169,6 +169,20 @@ def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_
         torch.testing.assert_close(one.edit(["a red shape", "a blue shape"], seed=0), a[i:i + 1], atol=2e-4, rtol=0)
 
 
+def test_ledits_refuses_ddim_inversion_of_a_v_prediction_prior(tiny_sd_dir, tmp_path):
+    import json
+    import shutil
+
+    from featinv.explain.ledits import load_ledits_pipeline
+
+    v = shutil.copytree(tiny_sd_dir, tmp_path / "v-sd")
+    cfg = v / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="epsilon-prediction"):  # diffusers' DDIM inversion reads the output as eps
+        load_ledits_pipeline(v, scheduler="ddim")
+    assert load_ledits_pipeline(v).scheduler.config.prediction_type == "v_prediction"  # DPM-Solver++ converts
+
+
 class ColourProbe(nn.Module):
     """A planted classifier over the single-object scenes: the reader's colour logits."""
 

@@ -66,7 +66,8 @@ def _pipeline_class():
 def load_ledits_pipeline(folder: str | Path, scheduler: str = "dpmsolver++"):
     """``LEditsPPPipelineStableDiffusion`` of a Stable-Diffusion-layout folder (CPU, fp32, no safety
     checker), with the batch-correct attention store. ``scheduler``: ``dpmsolver++`` (2nd-order SDE
-    DPM-Solver++, the pipeline's choice) or ``ddim`` (edit-friendly DDPM inversion)."""
+    DPM-Solver++, the pipeline's choice; any prediction type) or ``ddim`` (edit-friendly DDPM inversion;
+    the library's DDIM inversion assumes epsilon prediction, so other priors are refused)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from featinv.hub import hub_call
@@ -74,6 +75,10 @@ def load_ledits_pipeline(folder: str | Path, scheduler: str = "dpmsolver++"):
     pipe = hub_call(_pipeline_class().from_pretrained, str(folder), safety_checker=None,
                     feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     if scheduler == "ddim":
+        kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if kind != "epsilon":  # diffusers' compute_noise_ddim reads the UNet output as eps
+            raise ValueError(f"LEDITS++ with ddim needs an epsilon-prediction prior, {folder} predicts {kind!r}: "
+                             "use scheduler='dpmsolver++'")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpmsolver++":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
