@@ -67,7 +67,11 @@ class Prior(nn.Module):
     def _init_schedule(self, scheduler) -> None:
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.detach().clone().float(), persistent=False)
+        acp = scheduler.alphas_cumprod.detach().clone().float()
+        # a zero-terminal-SNR schedule (Lin et al. 2024; diffusers' rescale_betas_zero_snr) ends at a = 0, where
+        # Tweedie's x0 = (z - sqrt(1-a) eps) / sqrt(a) is 0/0: use diffusers' 2^-24 there (x0 -> -v for v models)
+        acp[acp == 0] = 2.0 ** -24
+        self.register_buffer("alphas_cumprod", acp, persistent=False)
 
     def _init_text(self, text_encoder, tokenizer, cond, uncond, cfg_scale: float) -> None:
         """Default conditioning: ``cond`` (1, L, D) and ``uncond`` embeddings, or encoded "" prompts."""

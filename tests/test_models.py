@@ -260,6 +260,32 @@ def test_latent_prior_from_pretrained_end_to_end(tiny_sd_dir):
     assert torch.isfinite(r.final_cos).all() and r.distances.shape[0] == 2
 
 
+def test_zero_terminal_snr_v_prediction_prior_samples_finite_images(tiny_sd_dir, tmp_path):
+    """Lin et al. 2024's schedule (rescale_betas_zero_snr, v prediction) ends at a_T = 0, where Tweedie's
+    x0 = (z - sqrt(1-a) eps) / sqrt(a) is 0/0; the prior keeps a tiny a_T so x0-hat is -v there."""
+    import json
+    import shutil
+
+    from featinv.priors import LatentPrior
+
+    root = shutil.copytree(tiny_sd_dir, tmp_path / "zsnr")
+    cfg = root / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction",
+                               "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    prior = LatentPrior.from_pretrained(str(root), prompt="")
+    assert prior.prediction_type == "v_prediction" and 0 < float(prior.alphas_cumprod[-1]) < 1e-6
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), prior.num_train_timesteps - 1)
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = prior.eps(z, t)
+    v = prior.unet(z, t, encoder_hidden_states=prior.cond.expand(2, -1, -1)).sample
+    torch.testing.assert_close((z - (1 - a).sqrt() * eps) / a.sqrt(), -v, atol=2e-3, rtol=1e-2)  # Tweedie -> -v
+    enc = build("timm:test_resnet", pretrained=False)
+    targets = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    r = featinv.invert(targets, prior=prior, encoder=enc, method="fast", steps=3, recurrence=1, early_steps=0)
+    assert torch.isfinite(r.images).all() and torch.isfinite(r.distances).all() and torch.isfinite(r.final_cos).all()
+
+
 def test_per_sample_conditioning_with_cfg_and_gradients(tiny_sd_dir):
     """eps(z, t, cond) takes one prompt embedding per sample, mixes CFG, and passes gradients to cond."""
     from featinv.priors import LatentPrior
