@@ -217,19 +217,57 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     shutil.copytree(S.sd_dir("shapes-sd"), tmp_path / "shapes-sd", symlinks=False)
     (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": {"steps": 1, "fidelity": {"x": 1}}}))
     pipe = S.load_pipeline("shapes-sd")
-    before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer)
-    assert before["color"] > 5 * before["position"]  # the committed prior: colour matters, position barely
+    before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched=pipe.scheduler)
+    assert min(before.values()) > 0
     ST.run(["shapes-unet-ft"], tmp_path, seed=0, scale=0.002)
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
     assert meta["steps"] == 1 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
     ft = meta["finetune"]
     assert ft["init_from"] == "shapes-sd" and "object coverage" in ft["loss"] and ft["steps"] == 8
-    assert set(ft["conditioning_probe"]) == {"position", "shape", "color", "size", "background"}
+    assert set(ft["conditioning_probe"]) == {"eps_t500", "x0_t800"}
+    assert set(ft["conditioning_probe"]["x0_t800"]) == {"position", "shape", "color", "size", "background"}
     after = S.load_pipeline(tmp_path / "shapes-sd")
     changed = [not torch.equal(a, b) for a, b in zip(after.unet.parameters(), pipe.unet.parameters())]
     assert any(changed)
     # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
-    assert abs(ft["conditioning_probe"]["color"] - before["color"]) < 0.1 * before["color"]
+    assert abs(ft["conditioning_probe"]["eps_t500"]["color"] - before["color"]) < 0.1 * before["color"]
+
+
+def test_unet_loss_weights_are_min_snr_in_x0_terms_for_either_target():
+    from featinv.zoo.shapes.train_sd import loss_weights
+
+    snr = torch.tensor([0.0, 0.01, 1.0, 5.0, 100.0])
+    # as a weight on the x0 error (epsilon-MSE = snr x0-MSE, v-MSE = (snr + 1) x0-MSE) both give min(snr, 5)
+    torch.testing.assert_close(loss_weights(snr, "v_prediction", 5.0) * (snr + 1), snr.clamp(max=5.0))
+    torch.testing.assert_close(loss_weights(snr[1:], "epsilon", 5.0) * snr[1:], snr[1:].clamp(max=5.0))
+    # plain MSE of the target: v then weights x0 by snr + 1 (~1 at high noise, where the layout is decided)
+    assert torch.equal(loss_weights(snr, "v_prediction", None), torch.ones(5))
+    with pytest.raises(KeyError):
+        loss_weights(snr, "sample", 5.0)
+
+
+@pytest.mark.slow
+def test_unet_stage_trains_a_zero_terminal_snr_v_prediction_sd_folder(tmp_path):
+    """``shapes-unet`` from scratch (tiny scale): the saved folder's scheduler is the stage's (v prediction,
+    zero terminal SNR, trailing), diffusers' pipeline samples finite images from it, meta records it."""
+    import shutil
+
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train as ST
+
+    (tmp_path / "shapes-sd").mkdir()
+    shutil.copytree(S.sd_dir("shapes-sd") / "vae", tmp_path / "shapes-sd" / "vae")
+    (tmp_path / "meta.json").write_text("{}")
+    ST.run(["shapes-unet"], tmp_path, seed=0, scale=0.002)
+    pipe = S.load_pipeline(tmp_path / "shapes-sd")
+    cfg = pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
+    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    assert meta["scheduler"]["prediction_type"] == "v_prediction" and meta["loss"].startswith("MSE of the v_prediction")
+    assert set(meta["conditioning_probe"]) == {"eps_t500", "x0_t800"}
+    x = S.generate(pipe, ["a small red circle at the top left on a gray background"], seeds=[0], steps=4)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 ``AutoencoderKL`` 32x32x3 -> 8x8x4, ``UNet2DConditionModel`` with cross-attention at 8x8, 4x4 and 2x2
 (diffusers' LEDITS++ aggregates attention at latent_res / 4 = 2x2), a tiny ``CLIPTextModel`` trained
-jointly with the UNet, the shapes ``CLIPTokenizer`` (``text.py``) and a ``DDPMScheduler``; saved with
+jointly with the UNet, the shapes ``CLIPTokenizer`` (``text.py``) and a ``DDPMScheduler`` (``shapes-sd``: SD's
+scaled-linear betas rescaled to zero terminal SNR, v prediction, trailing steps -- Lin et al. 2024, as SD 2.x
+fine-tunes do; ``shapes-multi-sd``: SD 1.x's epsilon schedule, ``SCHEDULER_CONFIG``); saved with
 ``StableDiffusionPipeline.save_pretrained`` (no safety checker / feature extractor), so the folder loads
 unchanged in diffusers and through ``featinv.priors.LatentPrior.from_pretrained``.
 
@@ -54,10 +56,10 @@ def build_unet(**over):
     return UNet2DConditionModel(**{**UNET_CONFIG, **over})
 
 
-def build_scheduler():
+def build_scheduler(**over):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+    return DDPMScheduler(**{**SCHEDULER_CONFIG, **over})
 
 
 def half_copy(model):

@@ -32,7 +32,11 @@ CONFIG = {
     "shapes-detector": dict(seed_offset=1100, n=30000, steps=1500, batch=128, lr=2e-3, width=32),
     "shapes-vae": dict(seed_offset=0, n_single=30000, n_multi=10000, batch=64, kl_weight=1e-9,
                        phases=[[1500, 1e-3, 10.0, False], [1000, 5e-4, 10.0, False], [1500, 3e-4, 10.0, True]]),
-    "shapes-unet": dict(seed_offset=0, n=50000, steps=2500, batch=128, lr=1e-3, ema_decay=0.999),
+    # v prediction, plain v-MSE, zero terminal SNR, trailing steps (Lin et al. 2024): with SD's schedule
+    # (epsilon, Min-SNR-5, a_T = 0.0047) the UNet never learnt position words (train_sd.conditioning_probe)
+    "shapes-unet": dict(seed_offset=0, n=50000, steps=2500, batch=128, lr=1e-3, ema_decay=0.999, snr_gamma=None,
+                        scheduler=dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       timestep_spacing="trailing")),
     # continues shapes-unet with the object-weighted loss (train_sd.train_unet: object_weight)
     "shapes-unet-ft": dict(seed_offset=2, n=50000, steps=2000, batch=128, lr=5e-4, ema_decay=0.999, object_weight=4.0),
     "shapes-multi-unet": dict(seed_offset=1, n=30000, steps=800, batch=128, lr=1e-3, ema_decay=0.998),
@@ -149,7 +153,9 @@ def train_unet_stage(name: str, mode: str, finetune: bool = False):
 
         extra = dict(init_from=S.sd_dir(name, out), object_weight=c["object_weight"]) if finetune else {}
         folder, info = train_sd.train_unet(name, mode, out, seed=seed, steps=c["steps"], batch=c["batch"], lr=c["lr"],
-                                           n_train=c["n"], ema_decay=c["ema_decay"], log=log, **extra)
+                                           n_train=c["n"], ema_decay=c["ema_decay"],
+                                           scheduler=c.get("scheduler"),
+                                           snr_gamma=c.get("snr_gamma", 5.0), log=log, **extra)
         return dict(folder=folder.name, **info)
     return run
 

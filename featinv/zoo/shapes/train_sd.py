@@ -11,8 +11,8 @@ so the equivalent weight is ~3e-10 (a weight of 1e-5 kept the posterior std at 0
 and blurred every object: reader accuracy on reconstructions 0.46 for shape). Afterwards ``scaling_factor`` = 1 / std of the posterior means of
 2,048 random train images (SD's convention), and both SD folders get this ``vae/``.
 
-UNet + text encoder (one pair per SD folder): epsilon prediction on z = scaling_factor * (mu + sigma n)
-of the frozen VAE's posterior (precomputed for the train split), t ~ U{0..999}, Min-SNR-5 loss
+UNet + text encoder (one pair per SD folder): epsilon or v prediction (``prediction``; the stage config
+says which) on z = scaling_factor * (mu + sigma n) of the frozen VAE's posterior (precomputed for the train split), t ~ U{0..999}, Min-SNR-5 loss
 weighting (Hang et al. 2023), AdamW + warmup/cosine to 5 %, grad-norm clip 1, EMA of both networks
 (the EMA weights are saved). Captions: 10 % "" (the unconditional prior; CFG), single mode also 15 %
 partial captions (each captioned factor kept with p = 0.5; "a red shape at the top left").
@@ -20,6 +20,7 @@ partial captions (each captioned factor kept with p = 0.5; "a red shape at the t
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featinv.priors import _eps_from_output
 from featinv.zoo.shapes import sd as S
 from featinv.zoo.shapes import text as T
 from featinv.zoo.shapes import world as W
@@ -152,22 +154,38 @@ def _captions(rows: np.ndarray, gen: np.random.Generator, p_empty: float, p_part
 
 
 def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch: int, lr: float, n_train: int,
-               ema_decay: float, p_empty: float = 0.1, p_partial: float = 0.15, snr_gamma: float = 5.0,
+               ema_decay: float, p_empty: float = 0.1, p_partial: float = 0.15, snr_gamma: float | None = 5.0,
                unet_over: dict | None = None, init_from: Path | None = None, object_weight: float = 0.0,
-               log=print) -> tuple[Path, dict]:
+               scheduler: dict | None = None, log=print) -> tuple[Path, dict]:
     """Train (or, with ``init_from`` an SD folder, continue training) the UNet and text encoder of a shapes
     SD folder on the VAE's latents. ``object_weight`` > 0 weights the loss on the latent cells the objects
     cover by 1 + object_weight (the renderer's masks pooled to the latent grid): the object is a few of the
     64 cells, so an unweighted loss is dominated by the background and learns shape and position last.
+    ``scheduler``: overrides of ``sd.SCHEDULER_CONFIG`` for a new UNet (a continued one keeps its stored
+    scheduler); its ``prediction_type`` is the UNet's target: ``"epsilon"`` (SD 1.x) or ``"v_prediction"``
+    (SD 2.x; Salimans & Ho 2022, v = sqrt(a) eps - sqrt(1-a) z0). ``snr_gamma`` weights either by Min-SNR-gamma
+    (Hang et al. 2023); ``None`` leaves the plain MSE of the target. As a weight on the x0 error these are:
+    epsilon snr, v snr + 1, Min-SNR min(snr, gamma): at high noise epsilon and Min-SNR hardly weight x0 at
+    all, and that is where the layout -- where the object goes -- is decided.
     Every 250 steps the log shows how much the (EMA) UNet's noise prediction changes when one factor's
     words change (``conditioning_probe``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = S.sd_dir(name, out)
+    if init_from is not None and scheduler:
+        raise ValueError("a continued UNet keeps its stored scheduler; do not pass scheduler overrides")
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
     tok = T.build_tokenizer()
-    sched = S.build_scheduler()
+    if init_from is not None:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_pretrained(str(Path(init_from) / "scheduler"), local_files_only=True)
+    else:
+        sched = S.build_scheduler(**(scheduler or {}))
+    prediction = sched.config.prediction_type
+    if prediction == "epsilon" and float(sched.alphas_cumprod[-1]) == 0:
+        raise ValueError("a zero-terminal-SNR schedule needs v_prediction (epsilon is undefined at a = 0)")
     x, rows = W.load_split(mode, "train", n_train)
     with torch.no_grad():
         post = [vae.encode(x[i:i + 512] * 2 - 1).latent_dist for i in range(0, len(x), 512)]
@@ -211,12 +229,13 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
             g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
         unet.train(), text.train()
         pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
-        w = snr[t].clamp(max=snr_gamma) / snr[t]  # Min-SNR-gamma weights for epsilon prediction
+        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
+        w = loss_weights(snr[t], prediction, snr_gamma)
         if obj is None:
-            per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            per = (pred - target).pow(2).mean(dim=(1, 2, 3))
         else:
             m = 1 + object_weight * obj[idx]  # (B, 1, h, w), normalised so the loss keeps its scale
-            per = (m * (pred - noise).pow(2)).mean(dim=(1, 2, 3)) / m.mean(dim=(1, 2, 3))
+            per = (m * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / m.mean(dim=(1, 2, 3))
         loss = (w * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,25 +251,40 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
             log(f"[{name}] step {step + 1}/{steps} loss {run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
         if mode == "single" and (step % 250 == 0 or step == steps - 1):
-            log(f"[{name}] step {step + 1} conditioning probe (EMA): {conditioning_probe(ema_u, ema_t, tok)}")
+            log(f"[{name}] step {step + 1} conditioning probe (EMA): eps t=500 "
+                f"{conditioning_probe(ema_u, ema_t, tok, sched=sched)}, x0 t=800 "
+                f"{conditioning_probe(ema_u, ema_t, tok, t=800, sched=sched, space='x0')}")
     wall, cpu = time.time() - t0, time.process_time() - c0
     S.save_sd(folder, unet=ema_u, vae=vae, text_encoder=ema_t, tokenizer=tok, scheduler=sched)
     pipe = S.load_pipeline(folder)  # evaluate what is stored
     test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
     info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
-                scheduler=dict(S.SCHEDULER_CONFIG), unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
+                scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, *(scheduler or {}))}, unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
                 seed=seed, steps=steps, batch_size=batch, lr=lr, lr_schedule=f"linear warmup {warmup}, cosine to 5%",
                 optimizer="AdamW (wd 0), grad-norm clip 1", ema_decay=ema_decay, weights="EMA (UNet and text encoder)",
-                loss=f"Min-SNR-{snr_gamma} weighted MSE(eps_pred, eps), t ~ U{{0..999}}"
+                loss=(f"Min-SNR-{snr_gamma} weighted " if snr_gamma is not None else "")
+                + f"MSE of the {prediction} target, t ~ U{{0..999}}"
                 + (f", latent cells weighted 1 + {object_weight} x object coverage" if object_weight > 0 else ""),
                 init_from=str(init_from.name) if init_from is not None else None,
-                conditioning_probe=conditioning_probe(ema_u, ema_t, tok) if mode == "single" else None,
+                conditioning_probe=dict(eps_t500=conditioning_probe(ema_u, ema_t, tok, sched=sched),
+                                        x0_t800=conditioning_probe(ema_u, ema_t, tok, t=800, sched=sched, space="x0"))
+                if mode == "single" else None,
                 captions=dict(p_empty=p_empty, p_partial=p_partial if mode == "single" else 0.0),
                 data=dict(mode=mode, split="train", n=n_train, epochs=round(steps * batch / n_train, 2)),
                 wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 3),
                 cpu_seconds_per_step=round(cpu / steps, 4), final_loss=round(run, 5), test_eps_mse_by_timestep=test_mse)
     return folder, info
+
+
+def loss_weights(snr: torch.Tensor, prediction: str, snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample weights of the target's MSE. Min-SNR-gamma (Hang et al. 2023) for either target: the x0-MSE
+    weight min(snr, gamma) divided by the target's own (epsilon-MSE = snr x0-MSE, v-MSE = (snr + 1) x0-MSE);
+    ``snr_gamma=None``: the target's plain MSE (weight 1)."""
+    if snr_gamma is None:
+        return torch.ones_like(snr)
+    per_x0 = {"epsilon": snr, "v_prediction": snr + 1}[prediction]
+    return snr.clamp(max=snr_gamma) / per_x0
 
 
 PROBE_CAPTIONS = {
@@ -264,25 +298,34 @@ PROBE_CAPTIONS = {
 
 
 @torch.no_grad()
-def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16) -> dict:
+def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, space: str = "eps") -> dict:
     """How much the noise prediction at timestep ``t`` depends on each factor's words: the relative
     change ||eps(z, c') - eps(z, c)|| / ||eps(z, c)|| when one factor of caption c is changed (fixed z).
-    A factor the UNet ignores scores ~0 (the first shapes-sd: position 0.01, shape 0.03, colour 0.33)."""
+    A factor the UNet ignores scores ~0 (the first shapes-sd: position 0.01, shape 0.03, colour 0.33).
+    ``sched`` (its ``prediction_type`` and ``alphas_cumprod``) converts other UNet targets to eps;
+    ``space="x0"`` measures the change of the clean estimate x0-hat instead (needs ``sched``), which at high
+    noise -- where the layout is decided -- is what the sample follows: eps changes there are tiny by
+    construction (x0-hat = (z - sqrt(1-a) eps) / sqrt(a))."""
     z = torch.randn(n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
                     generator=torch.Generator().manual_seed(0))
     tt = torch.full((n,), t, dtype=torch.long)
     was = unet.training, text.training
     unet.eval(), text.eval()
-    eps = {k: unet(z, tt, encoder_hidden_states=S.encode_captions(text, tok, [c] * n)).sample
+    eps = {k: _eps(unet(z, tt, encoder_hidden_states=S.encode_captions(text, tok, [c] * n)).sample, z, tt, sched)
            for k, c in PROBE_CAPTIONS.items()}
     unet.train(was[0]), text.train(was[1])
+    if space == "x0":
+        a = sched.alphas_cumprod[t]
+        eps = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in eps.items()}
+    elif space != "eps":
+        raise ValueError(f"space must be 'eps' or 'x0', got {space!r}")
     base = eps.pop("base")
     return {k: round(float((e - base).norm() / base.norm()), 4) for k, e in eps.items()}
 
 
 @torch.no_grad()
 def eps_mse(unet, text, tok, vae, sched, mode: str, n: int = 512, timesteps=(50, 250, 500, 750, 950)) -> dict:
-    """Mean ||eps_pred - eps||^2 on test latents with their full captions at fixed timesteps."""
+    """Mean ||eps_pred - eps||^2 (any prediction type, converted) on test latents with their full captions at fixed timesteps."""
     gen = torch.Generator().manual_seed(1234)
     x, rows = W.load_split(mode, "test", n)
     z0 = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
@@ -291,9 +334,16 @@ def eps_mse(unet, text, tok, vae, sched, mode: str, n: int = 512, timesteps=(50,
     for t in timesteps:
         noise = torch.randn(z0.shape, generator=gen)
         tt = torch.full((n,), t, dtype=torch.long)
-        res[str(t)] = round(float(F.mse_loss(unet(sched.add_noise(z0, noise, tt), tt, encoder_hidden_states=h).sample,
+        zt = sched.add_noise(z0, noise, tt)
+        res[str(t)] = round(float(F.mse_loss(_eps(unet(zt, tt, encoder_hidden_states=h).sample, zt, tt, sched),
                                              noise)), 5)
     return res
+
+
+def _eps(out: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sched=None) -> torch.Tensor:
+    if sched is None:
+        return out
+    return _eps_from_output(out, z, t, sched.alphas_cumprod, sched.config.prediction_type)
 
 
 def _jsonable(d: dict) -> dict:
