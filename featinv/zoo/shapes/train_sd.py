@@ -11,16 +11,16 @@ so the equivalent weight is ~3e-10 (a weight of 1e-5 kept the posterior std at 0
 and blurred every object: reader accuracy on reconstructions 0.46 for shape). Afterwards ``scaling_factor`` = 1 / std of the posterior means of
 2,048 random train images (SD's convention), and both SD folders get this ``vae/``.
 
-UNet + text encoder (one pair per SD folder): epsilon or v prediction (``prediction``; the stage config
-says which) on z = scaling_factor * (mu + sigma n) of the frozen VAE's posterior (precomputed for the train split), t ~ U{0..999}, Min-SNR-5 loss
-weighting (Hang et al. 2023), AdamW + warmup/cosine to 5 %, grad-norm clip 1, EMA of both networks
+UNet + text encoder (one pair per SD folder): the scheduler's target (epsilon, or v with zero terminal SNR
+for ``shapes-sd``; the stage config says which) on z = scaling_factor * (mu + sigma n) of the frozen VAE's
+posterior (precomputed for the train split), t ~ U{0..999}, Min-SNR-5 weighting (Hang et al. 2023) or the
+target's plain MSE (``loss_weights``), AdamW + warmup/cosine to 5 %, grad-norm clip 1, EMA of both networks
 (the EMA weights are saved). Captions: 10 % "" (the unconditional prior; CFG), single mode also 15 %
 partial captions (each captioned factor kept with p = 0.5; "a red shape at the top left").
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -260,7 +260,8 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
     info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
-                scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, *(scheduler or {}))}, unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
+                scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, *(scheduler or {}))},
+                unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
                 seed=seed, steps=steps, batch_size=batch, lr=lr, lr_schedule=f"linear warmup {warmup}, cosine to 5%",
                 optimizer="AdamW (wd 0), grad-norm clip 1", ema_decay=ema_decay, weights="EMA (UNet and text encoder)",
                 loss=(f"Min-SNR-{snr_gamma} weighted " if snr_gamma is not None else "")
@@ -315,6 +316,8 @@ def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, s
            for k, c in PROBE_CAPTIONS.items()}
     unet.train(was[0]), text.train(was[1])
     if space == "x0":
+        if sched is None:
+            raise ValueError("space='x0' needs the scheduler (sched=...)")
         a = sched.alphas_cumprod[t]
         eps = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in eps.items()}
     elif space != "eps":
