@@ -110,7 +110,7 @@ def pareto(stats: dict[str, dict], metric: str) -> list[str]:
     return sorted(front, key=lambda m: pts[m][0])
 
 
-def plot_front(path: str, val: dict, test: dict, metric: str, chosen: str, title: str) -> None:
+def plot_front(path: str, val: dict, test: dict, metric: str, chosen: str, front: list[str], title: str) -> None:
     """``metric`` against NFE on val (the choice) and test (mean ± std over seeds), the val front joined."""
     import matplotlib
 
@@ -119,7 +119,6 @@ def plot_front(path: str, val: dict, test: dict, metric: str, chosen: str, title
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, (split, st) in zip(axes, (("val", val), ("test", test))):
-        front = pareto(val, metric)
         for m, v in st.items():
             if m == "unguided":
                 ax.axhline(v[metric][0], color="gray", ls=":", lw=1, label="unguided")
@@ -229,7 +228,7 @@ def main():
             w.writerows(rows)
         Path(f"{a.results}/ablation_{name}.md").write_text("\n".join(head) + "\n")
         if a.tol is not None:
-            plot_front(f"{a.results}/ablation_{name}.png", val, test, a.choose, chosen,
+            plot_front(f"{a.results}/ablation_{name}.png", val, test, a.choose, chosen, front,
                        f"{name} ({world} world), commit {commit()}, n = {a.n}")
         print("\n".join(head), flush=True)
 

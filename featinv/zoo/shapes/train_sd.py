@@ -307,6 +307,8 @@ def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, s
     ``space="x0"`` measures the change of the clean estimate x0-hat instead (needs ``sched``), which at high
     noise -- where the layout is decided -- is what the sample follows: eps changes there are tiny by
     construction (x0-hat = (z - sqrt(1-a) eps) / sqrt(a))."""
+    if space not in ("eps", "x0") or (space == "x0" and sched is None):
+        raise ValueError(f"space must be 'eps' or 'x0' (with sched=...), got {space!r}, sched={sched}")
     z = torch.randn(n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
                     generator=torch.Generator().manual_seed(0))
     tt = torch.full((n,), t, dtype=torch.long)
@@ -316,12 +318,8 @@ def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, s
            for k, c in PROBE_CAPTIONS.items()}
     unet.train(was[0]), text.train(was[1])
     if space == "x0":
-        if sched is None:
-            raise ValueError("space='x0' needs the scheduler (sched=...)")
         a = sched.alphas_cumprod[t]
         eps = {k: (z - (1 - a).sqrt() * e) / a.sqrt() for k, e in eps.items()}
-    elif space != "eps":
-        raise ValueError(f"space must be 'eps' or 'x0', got {space!r}")
     base = eps.pop("base")
     return {k: round(float((e - base).norm() / base.norm()), 4) for k, e in eps.items()}
 
