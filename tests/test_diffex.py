@@ -153,7 +153,12 @@ def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_
 
     pipe = load_ledits_pipeline(tiny_sd_dir)
     x, _ = W.load_split("single", "val", 3)
-    ed = LeditsEditor(pipe, x, steps=4, skip=0.25, batch=3, edit_guidance_scale=8.0)
+    # edit_threshold=0: LEDITS++'s quantile masks keep every element, so the output is continuous in the
+    # UNet's numbers and batched == single holds to float rounding on any CPU (with a quantile threshold a
+    # last-bit difference between batch sizes can flip a mask element; the store's batching is tested exactly
+    # in test_batched_attention_store_keeps_each_image_apart)
+    kw = dict(steps=4, skip=0.25, edit_guidance_scale=8.0, edit_threshold=0.0)
+    ed = LeditsEditor(pipe, x, batch=3, **kw)
     a = ed.edit(["a red shape", "a blue shape"], seed=0)
     b = ed.edit("a circle", seed=0)
     c = ed.edit(["a red shape", "a blue shape"], seed=1)
@@ -165,8 +170,31 @@ def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_
     torch.testing.assert_close(ed.edit(["a red shape", "a blue shape"], seed=0), a)  # deterministic
     # batch-correct: each image edited alone (its own inversion, same per-image seed) gives the same edit
     for i in (0, 2):
-        one = LeditsEditor(pipe, x[i:i + 1], ids=[i], steps=4, skip=0.25, batch=1, edit_guidance_scale=8.0)
+        one = LeditsEditor(pipe, x[i:i + 1], ids=[i], batch=1, **kw)
         torch.testing.assert_close(one.edit(["a red shape", "a blue shape"], seed=0), a[i:i + 1], atol=2e-4, rtol=0)
+
+
+def test_batched_attention_store_keeps_each_image_apart():
+    """The cross-attention maps LEDITS++ builds its masks from: batched == each image alone (the library's
+    own store mixes images and heads once both exceed one, which this test also shows)."""
+    from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import LeditsAttentionStore
+
+    from featinv.explain.ledits import _batched_store_call
+
+    n, heads, q, k, edits = 3, 2, 4, 5, 2
+    attn = torch.randn(1 + edits, n, heads, q, k, generator=torch.Generator().manual_seed(0))  # (uncond+edits, image, head)
+
+    def maps(call, a):  # (images, edits, 2, 2, k): head-averaged maps at 2x2, as the pipeline reads them
+        store = LeditsAttentionStore(average=True, batch_size=a.shape[1], max_size=q, max_resolution=None)
+        call(store, a.reshape(-1, q, k), True, "down", edits)
+        store.between_steps()
+        att = store.get_attention(None)
+        return torch.stack([store.aggregate_attention(att, ["p"] * edits, 2, ["down"], True, j)
+                            for j in range(edits)], 1)
+
+    alone = torch.cat([maps(LeditsAttentionStore.__call__, attn[:, i:i + 1]) for i in range(n)])
+    torch.testing.assert_close(maps(_batched_store_call, attn), alone, atol=0, rtol=0)
+    assert not torch.allclose(maps(LeditsAttentionStore.__call__, attn), alone, atol=1e-2)
 
 
 def test_ledits_refuses_ddim_inversion_of_a_v_prediction_prior(tiny_sd_dir, tmp_path):
