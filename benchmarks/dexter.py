@@ -62,6 +62,8 @@ CONFIGS = {
     "cfg3": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=3.0, batch=2),
     "mlm0.3": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=0.3, sample_steps=8, cfg_scale=1.0, batch=2),
     "k4": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=4, cfg_scale=1.0, batch=2),
+    "cfg3-typed": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=3.0, batch=2,
+                       typed_slots=True),
 }
 GUIDED_WEIGHTS = [4.0, 16.0]
 DIFFEXPLAINER = dict(steps=100, lr=0.05, sample_steps=8, cfg_scale=1.0, batch=2, loss="logit")

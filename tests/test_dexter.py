@@ -1,5 +1,6 @@
 """DiffExplainer / DEXTER (issue 15): the unrolled sampler, the prompt path, Gumbel word choice, the
 pseudo-label rule, the reporter, the activation score and the harness - on tiny random models."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -207,6 +208,35 @@ def test_dexter_runs_and_is_deterministic(prior, tok):
     assert len(r1.frames) == 4 and r1.frame_steps == [0, 0, 1, 1]  # every image is a frame
     assert r1.trace == r2.trace and torch.equal(r1.frames, r2.frames)
     assert r1.prompt == TEMPLATE.surface(r1.words)
+
+
+def test_typed_slots_keep_every_word_and_pseudo_label_in_its_slot(prior, tok):
+    from featinv.explain.mlm import WordMLM
+
+    vocab = [["small", "large"], ["red", "blue", "green"], ["square", "circle", "star"], ["top", "middle", "bottom"],
+             ["left", "center", "right"], ["black", "white", "gray"]]
+    typed = Template(TEMPLATE.text, TEMPLATE.rewrites, slot_vocab=vocab)
+    torch.manual_seed(0)
+    mlm = WordMLM(WORDS + ["a", "at", "the", "on", "background"], hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2).eval()
+    clf = TinyClassifier()
+
+    def off_slot(r):  # (slot words outside their slot's vocabulary) over predictions and pseudo-labels
+        rows = [row["words"].split() for row in r.trace] + [row["targets"].split() for row in r.trace]
+        return sum(w not in v for ws in rows for w, v in zip(ws, vocab))
+
+    cfg = DexterConfig(steps=12, sample_steps=2, batch=2, seed=0)
+    r = dexter(prior, ClassTarget(clf, 0), mlm, typed, dataclasses.replace(cfg, typed_slots=True))
+    assert off_slot(r) == 0 and all(w in v for w, v in zip(r.words, vocab))
+    assert len({row["words"] for row in r.trace}) > 1  # it still explores within the slots
+    assert off_slot(dexter(prior, ClassTarget(clf, 0), mlm, typed, cfg)) > 0  # untyped: words leave their slot
+    with pytest.raises(ValueError, match="slot_vocab"):
+        dexter(prior, ClassTarget(clf, 0), mlm, TEMPLATE, dataclasses.replace(cfg, typed_slots=True))
+    bad = Template(TEMPLATE.text, TEMPLATE.rewrites, slot_vocab=[*vocab[:5], ["black", "purple"]])
+    with pytest.raises(ValueError, match="purple"):
+        dexter(prior, ClassTarget(clf, 0), mlm, bad, dataclasses.replace(cfg, typed_slots=True))
+    with pytest.raises(ValueError, match="one non-empty word list per slot"):
+        Template(TEMPLATE.text, slot_vocab=vocab[:5])
 
 
 def test_pseudo_label_rule():

@@ -37,7 +37,7 @@ from featinv.explain.score import ClassTarget, activation_score
 from featinv.explain.unrolled import unrolled_sample
 
 __all__ = ["DexterConfig", "DexterResult", "dexter", "run_dexter", "gumbel_softmax_hard", "candidate_words",
-           "update_pseudo_labels", "slot_sweep"]
+           "update_pseudo_labels", "slot_mask", "slot_sweep"]
 
 
 @dataclass
@@ -56,6 +56,7 @@ class DexterConfig:
     stop_after: int | None = None  # consecutive all-hit steps to stop [3]; None: run every step
     restarts: int = 1  # fresh soft prompts [topk 1]
     checkpoint: bool = False  # gradient checkpointing of the unrolled UNet calls
+    typed_slots: bool = False  # each slot draws only from its template's ``slot_vocab`` [False: every word]
     score_samples: int = 100  # activation score: samples from the final prompt [100]
     seed: int = 0
 
@@ -122,6 +123,7 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
     text = SlotTextEncoder(prior.text_encoder, prior.tokenizer, template, words, dtype=prior.dtype).to(dev)
     mlm = mlm.to(dev).eval().requires_grad_(False)
     cand = torch.tensor([mlm.index[w] for w in words], device=dev)
+    allowed = slot_mask(template, words, cfg.typed_slots).to(dev)  # (S, V) bool
     ids = mlm.encode([template.fill(["[MASK]"] * template.n_slots)])
     slot_pos = torch.tensor([i + 1 for i, p in enumerate(template.parts) if p == "{}"], device=dev)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -132,12 +134,15 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
         soft = torch.empty(1, cfg.n_soft_prompt, mlm.hidden_size).uniform_(-1, 1, generator=gen).to(dev)
         soft.requires_grad_(True)
         opt = torch.optim.AdamW([soft], lr=cfg.lr, eps=1e-4)
-        targets = [words[int(j)] for j in torch.randint(len(words), (template.n_slots,), generator=gen)]
+        if cfg.typed_slots:  # a random allowed word per slot
+            targets = [words[int(j)] for j in torch.multinomial(allowed.cpu().float(), 1, generator=gen)[:, 0]]
+        else:
+            targets = [words[int(j)] for j in torch.randint(len(words), (template.n_slots,), generator=gen)]
         history: list[list[float]] | None = None  # per slot: losses since its target last changed
         streak = 0
         for step in range(cfg.steps):
             logits = mlm(ids, soft)[0, slot_pos]  # (S, V)
-            y = gumbel_softmax_hard(logits[:, cand], cfg.tau, gen)
+            y = gumbel_softmax_hard(logits[:, cand].masked_fill(~allowed, float("-inf")), cfg.tau, gen)
             pred = [words[j] for j in y.argmax(dim=1).tolist()]
             cond = text.encode_onehot(y)
             imgs = unrolled_sample(prior, cond, noise, cfg.sample_steps, cfg_scale=cfg.cfg_scale,
@@ -177,6 +182,25 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
     return DexterResult(words=finals[0], prompt=template.surface(finals[0]), restarts=finals, frames=frames_t,
                         frame_steps=frame_steps, frame_words=frame_words, trace=trace, seconds=time.time() - t0,
                         nfe=nfe)
+
+
+def slot_mask(template: Template, words: list[str], typed: bool) -> torch.Tensor:
+    """(slots, words) bool: which candidate ``words`` each slot may take - all of them (the authors), or
+    with ``typed`` only the template's ``slot_vocab`` (a featinv option: the shapes grammar types its
+    slots, and an untyped slot can settle on a word of another factor, "at the bottom middle white ...")."""
+    if not typed:
+        return torch.ones(template.n_slots, len(words), dtype=torch.bool)
+    if template.slot_vocab is None:
+        raise ValueError("DEXTER typed_slots needs a template with slot_vocab (one word list per slot)")
+    index = {w: j for j, w in enumerate(words)}
+    missing = sorted({w for v in template.slot_vocab for w in v} - set(index))
+    if missing:
+        raise ValueError(f"DEXTER typed_slots: slot words {missing} are not candidate words of the masked LM "
+                         "and the prior's tokenizer")
+    m = torch.zeros(template.n_slots, len(words), dtype=torch.bool)
+    for i, v in enumerate(template.slot_vocab):
+        m[i, [index[w] for w in v]] = True
+    return m
 
 
 def update_pseudo_labels(pred: list[str], targets: list[str], history: list[list[float]] | None,

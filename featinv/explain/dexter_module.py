@@ -84,7 +84,7 @@ class DexterModule(AnalysisModule):
         world: ``shapes`` supplies the template grammar, the masked LM and the reader's factors; null:
             give ``template``, ``mlm`` (and ``factors`` with a reader).
         mlm: path of a ``save_mlm`` model (default: the world's) or a ``WordMLM``.
-        template: ``{text, rewrites}`` or a ``Template`` (default: the world's).
+        template: ``{text, rewrites, slot_vocab}`` or a ``Template`` (default: the world's).
         reader: judge spec (``zoo:shapes-reader``) reading the frames for the report; null: no report.
         threshold: the reporter's excess over the base rate (0.3).
         sweep_samples: DEXTER in the shapes world: samples per variant prompt of the counterfactual report
@@ -133,7 +133,8 @@ class DexterModule(AnalysisModule):
         if isinstance(template, Template):
             return template
         if isinstance(template, dict):
-            return Template(template["text"], [tuple(r) for r in template.get("rewrites", [])])
+            return Template(template["text"], [tuple(r) for r in template.get("rewrites", [])],
+                            slot_vocab=template.get("slot_vocab"))
         if self.world == "shapes":
             from featinv.explain.shapes import TEMPLATE
 
@@ -170,7 +171,8 @@ class DexterModule(AnalysisModule):
     def identity(self) -> dict:
         return {"prior": self.prior_spec, "prior_weights": module_digest(self.prior),
                 "mlm_weights": module_digest(self.mlm) if self.mlm is not None else None,
-                "template": [self.template.text, [list(r) for r in self.template.rewrites]],
+                "template": [self.template.text, [list(r) for r in self.template.rewrites],
+                             self.template.slot_vocab],
                 "reader": module_digest(self.reader) if isinstance(self.reader, nn.Module) else None,
                 "seed": self.seed}
 

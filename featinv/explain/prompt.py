@@ -31,10 +31,13 @@ __all__ = ["Template", "SlotTextEncoder", "translation_matrix", "encode_with_emb
 
 @dataclass
 class Template:
-    """A sentence with ``{}`` slots and surface ``rewrites`` (pairs of space-separated word sequences)."""
+    """A sentence with ``{}`` slots and surface ``rewrites`` (pairs of space-separated word sequences);
+    ``slot_vocab`` (optional): the words each slot may take, when the grammar types its slots (DEXTER's
+    ``typed_slots``)."""
 
     text: str
     rewrites: list[tuple[str, str]] = field(default_factory=list)
+    slot_vocab: list[list[str]] | None = None
 
     def __post_init__(self):
         self.rewrites = [(str(a), str(b)) for a, b in self.rewrites]
@@ -42,6 +45,11 @@ class Template:
         self.n_slots = sum(p == "{}" for p in self.parts)
         if self.n_slots == 0:
             raise ValueError(f"template {self.text!r} has no '{{}}' slot")
+        if self.slot_vocab is not None:
+            self.slot_vocab = [[str(w) for w in v] for v in self.slot_vocab]
+            if len(self.slot_vocab) != self.n_slots or not all(self.slot_vocab):
+                raise ValueError(f"slot_vocab needs one non-empty word list per slot ({self.n_slots}), "
+                                 f"got {self.slot_vocab}")
 
     def items(self, words: list[str] | None = None) -> list[tuple[str, int | None]]:
         """The canonical sequence as (word, slot index or None); ``words`` fill the slots (default "{}")."""

@@ -27,9 +27,6 @@ from featinv.explain.prompt import Template
 __all__ = ["TEMPLATE", "MLM_PATH", "canonical_corpus", "class_words", "classifier_info",
            "load_shapes_mlm", "slot_variants", "value_words"]
 
-TEMPLATE = Template("a {} {} {} at the {} {} on a {} background",
-                    rewrites=[("at the middle center", "in the center"),
-                              ("on a blue background", "on a dark blue background")])
 SLOT_FACTORS = ["size", "color", "shape", "position", "position", "background"]
 MLM_PATH = Path(__file__).resolve().parent / "weights" / "shapes-mlm"
 
@@ -38,6 +35,15 @@ def _world():
     from featinv.zoo.shapes import world
 
     return world
+
+
+def _slot_vocab() -> list[list[str]]:
+    """Each slot's words: its factor's values as slot words (position: rows, then columns)."""
+    factors, out = _world().FACTORS, []
+    for i, f in enumerate(SLOT_FACTORS):
+        k = SLOT_FACTORS[:i].count(f)  # which of the factor's slots
+        out.append(list(dict.fromkeys(value_words(f, v)[k] for v in factors[f])))
+    return out
 
 
 
@@ -49,6 +55,12 @@ def value_words(factor: str, value: str) -> list[str]:
     if factor == "background" and value == "dark blue":
         return ["blue"]
     return [value]
+
+
+TEMPLATE = Template("a {} {} {} at the {} {} on a {} background",
+                    rewrites=[("at the middle center", "in the center"),
+                              ("on a blue background", "on a dark blue background")],
+                    slot_vocab=_slot_vocab())
 
 
 def slot_variants(words: list[str], class_factor: str | None = None) -> dict[str, list[list[str]]]:
