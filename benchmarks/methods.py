@@ -165,7 +165,7 @@ def main():
                 grid_rows[method] = imgs[:16]
     la = os.getloadavg()
     meta = dict(n=a.n, seeds=seeds, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads; "
-                f"shared cores (other jobs running; this one at nice 19), load average {la[0]:.1f} at the end",
+                f"shared cores (other jobs running; this one at nice {os.nice(0)}), load average {la[0]:.1f} at the end",
                 torch=torch.__version__, commit=commit(), command="python benchmarks/methods.py " + " ".join(
                     f"--{k} {v}" for k, v in vars(a).items()))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -177,7 +177,7 @@ def write(a, out, rows):
     meta = dict(commit=commit(), command=cmd, split=a.split, n=a.n, seeds=a.seeds, steps=STEPS,
                 versions={p: version(p) for p in ("torch", "torch-lucent", "kornia", "horama")},
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {a.threads} torch thread(s)",
-                load=f"shared cores (other jobs running; this one at nice 19), load average {la[0]:.1f} at the end")
+                load=f"shared cores (other jobs running; this one at nice {os.nice(0)}), load average {la[0]:.1f} at the end")
     Path(str(out) + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Peers: featinv's AM baselines vs torch-lucent and horama ({a.n} {a.split} digits, seeds {a.seeds})\n",
              f"Commit {meta['commit']}; command `{cmd}`; {meta['machine']}; {meta['load']}; versions "

@@ -159,7 +159,7 @@ def meta(a, cmd) -> dict:
     la = os.getloadavg()
     return dict(split=a.phase, n=a.n, seeds=a.seeds, commit=commit(), command=cmd, torch=torch.__version__,
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {a.threads} torch thread(s)",
-                load=a.load or f"shared cores: load average {la[0]:.1f} at the end of the run (nice 19)")
+                load=a.load or f"shared cores: load average {la[0]:.1f} at the end of the run (nice {os.nice(0)})")
 
 
 def write(a, out, rows, cmd):
