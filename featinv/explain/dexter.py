@@ -4,7 +4,8 @@ the words of a prompt that makes a diffusion model generate images the classifie
 One optimisation step (``dexter``; the authors' ``analyze_classifier``), only the soft prompt learns:
 
 1. text: the masked LM (``featinv.explain.mlm.WordMLM``) reads [soft prompt] + the template with every slot
-   masked; each slot's logits over the candidate words -> hard Gumbel-softmax (tau = 1) one-hot ->
+   masked; each slot's logits over the candidate words (``typed_slots``: only the template's words for
+   that slot, a featinv option) -> hard Gumbel-softmax (tau = 1) one-hot ->
    translation x token embeddings -> the prior's text encoder (``featinv.explain.prompt.SlotTextEncoder``);
 2. vision: ``batch`` images from *fixed* noise with the few-step sampler unrolled to the conditioning
    (``featinv.explain.unrolled``), CFG per the config;
