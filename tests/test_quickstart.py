@@ -36,6 +36,33 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert (out / "config.yaml").is_file()  # LightningCLI saved the resolved config
 
 
+def test_default_root_dir_is_an_alias_of_output_dir_and_startup_is_quiet(tmp_path):
+    """Issue 16's friction: ``--trainer.default_root_dir`` works as ``--output_dir`` (a conflicting pair is
+    refused in one line naming ``--output_dir``), and nothing featinv causes warns at start-up."""
+    spec = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    spec.pop("output_dir")
+    spec["data"]["datasets"][0]["init_args"]["limit"] = 2
+    spec["data"]["batch_size"] = 2
+    spec["model"]["methods"] = [{"preset": "fast", "steps": 3, "recurrence": 1}]
+    cfg = tmp_path / "quick.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "featinv.cli", "predict", "-c", str(cfg), *args],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    proc = run("--trainer.default_root_dir", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "a" / "results.jsonl").read_text().splitlines()) == 2
+    for noise in ("litlogger", "LeafSpec", "anonymous", "accelerate"):
+        assert noise not in proc.stderr, (noise, proc.stderr[-2000:])
+    proc = run("--trainer.default_root_dir", str(tmp_path / "b"), "--output_dir", str(tmp_path / "c"))
+    assert proc.returncode != 0 and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("featinv: error:")]
+    assert len(err) == 1 and "--output_dir" in err[0] and "alias" in err[0], proc.stderr[-2000:]
+
+
 def _execute(name: str, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
