@@ -162,7 +162,7 @@ def report(m):
     sp = [r["spearman"] for r in rows]
     rec = [r["recall"] for r in rows if r["recall"] is not None]
     lines = ["# DiffEx on the shapes world vs the renderer's exact edits\n",
-             f"{m['n']} test scenes, seeds {m['seeds']}, LEDITS++ {m['ledits']} ({m.get('ledits_source', 'chosen on val')}), beam "
+             f"{m['n']} test scenes, seeds {m['seeds']}, LEDITS++ {m['ledits']} ({m['ledits_source']}), beam "
              f"{m['beam_size']}, top-k {m['top_k']}; {m['inversions']} inversions, {m['edits']} keyword edits; commit "
              f"`{m['commit']}`; machine: {m['machine']}; {{wall}}.", f"Command: `{m['command']}`\n",
              "Hierarchy: configs/explain/hierarchy_shapes.yaml (hand-written stand-in for DiffEx's VLM/LLM). Score: "
@@ -235,17 +235,15 @@ def main():
         md = validate(a, meta, h, pipe, reader)
     else:
         chosen = json.load(open(a.out + "_val.json"))["chosen"] if Path(a.out + "_val.json").exists() else {}
-        given = []
-        for k in ("steps", "skip", "edit_guidance_scale", "edit_threshold"):
-            if getattr(a, k) is None:
-                if k not in chosen:
-                    ap.error(f"--{k.replace('_', '-')} not given and no {a.out}_val.json: run --phase val first")
-                setattr(a, k, chosen[k])
-            else:
-                given.append(k)
-        meta["ledits_source"] = (f"chosen on val, {Path(a.out).name}_val.md" if not given else
-                                 f"{', '.join(given)} given on the command line"
-                                 + (f", the rest chosen on val ({Path(a.out).name}_val.md)" if len(given) < 4 else ""))
+        keys = ("steps", "skip", "edit_guidance_scale", "edit_threshold")
+        given = [k for k in keys if getattr(a, k) is not None]
+        for k in set(keys) - set(given):
+            if k not in chosen:
+                ap.error(f"--{k.replace('_', '-')} not given and no {a.out}_val.json: run --phase val first")
+            setattr(a, k, chosen[k])
+        val = f"{Path(a.out).name}_val.md"
+        meta["ledits_source"] = ", ".join(([f"{' '.join(given)} from the command line"] if given else [])
+                                          + ([f"{'the rest ' if given else ''}chosen on val ({val})"] if len(given) < len(keys) else []))
         a.steps = int(a.steps)
         md = test(a, meta, h, pipe, reader)
     meta["wall_minutes"] = round((time.time() - t0) / 60, 1)

@@ -3,8 +3,8 @@ variants give on exactly those digits (issue 16: are misreads the target's or th
 
     python benchmarks/presets_fails.py s25-K2 s50-K2 fast-v1 s50-K1 --n 256 --seeds 0,1
 
-Per-target seeds come from the target keys, so running a subset of the digits reproduces the full run's
-inversions of those digits. Variants are ``benchmarks/presets.py``'s grid names. Prints one JSON line per
+Per-target seeds come from the target keys, so a subset of the digits gets the same noise as in the full
+run (the outputs can differ in the last bits with the batch size). Variants are ``benchmarks/presets.py``'s grid names. Prints one JSON line per
 seed: the first variant's misread digits with their final cosine, and (final cosine, ViT agreement) of
 every other variant on them.
 """

@@ -237,6 +237,22 @@ def test_typed_slots_keep_every_word_and_pseudo_label_in_its_slot(prior, tok):
         dexter(prior, ClassTarget(clf, 0), mlm, bad, dataclasses.replace(cfg, typed_slots=True))
     with pytest.raises(ValueError, match="one non-empty word list per slot"):
         Template(TEMPLATE.text, slot_vocab=vocab[:5])
+    with pytest.raises(ValueError, match="word \\*list\\* per slot"):
+        Template(TEMPLATE.text, slot_vocab=[*vocab[:5], "black"])
+    from featinv.explain.dexter_module import DexterModule
+
+    with pytest.raises(ValueError, match="typed_slots needs a template with slot_vocab"):  # at construction
+        DexterModule(prior="zoo:shapes-sd", world=None, template={"text": TEMPLATE.text}, config={"typed_slots": True},
+                     reader=None)
+
+
+def test_shapes_template_slot_vocab_is_the_caption_grammar():
+    from featinv.explain.shapes import TEMPLATE as SHAPES, canonical_corpus
+
+    fills = [SHAPES.slot_words(c) for c in canonical_corpus()]
+    assert all(f is not None for f in fills)
+    for i, vocab in enumerate(SHAPES.slot_vocab):  # every caption's word is in its slot's list, every listed word used
+        assert {f[i] for f in fills} == set(vocab), (i, vocab)
 
 
 def test_pseudo_label_rule():

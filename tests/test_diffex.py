@@ -149,7 +149,7 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_sd_dir):
-    from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
+    from featinv.explain.ledits import LeditsEditor, _batched_store_call, load_ledits_pipeline
 
     pipe = load_ledits_pipeline(tiny_sd_dir)
     x, _ = W.load_split("single", "val", 3)
@@ -160,6 +160,7 @@ def test_ledits_inverts_once_per_seed_and_batched_edits_equal_single_edits(tiny_
     kw = dict(steps=4, skip=0.25, edit_guidance_scale=8.0, edit_threshold=0.0)
     ed = LeditsEditor(pipe, x, batch=3, **kw)
     a = ed.edit(["a red shape", "a blue shape"], seed=0)
+    assert type(pipe.attention_store).__call__ is _batched_store_call  # the batch-correct store is the one in use
     b = ed.edit("a circle", seed=0)
     c = ed.edit(["a red shape", "a blue shape"], seed=1)
     assert ed.inversions == 2 and ed.edits == 3  # one inversion per seed, reused across keywords

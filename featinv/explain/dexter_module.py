@@ -118,10 +118,12 @@ class DexterModule(AnalysisModule):
             raise ValueError("model.unit (a hidden unit to maximise) needs mode: diffexplainer and model.layer")
         self.method = name or mode
         self.frames_shown, self.samples_shown = frames_shown, samples_shown
-        self.prior_spec = prior if isinstance(prior, str) else type(prior).__name__
-        self.prior = build_prior(prior) if isinstance(prior, str) else prior
         self.world = world
         self.template = self._template(template)
+        if mode == "dexter" and self.cfg.typed_slots and self.template.slot_vocab is None:
+            raise ValueError("model.config.typed_slots needs a template with slot_vocab (the shapes world's has one)")
+        self.prior_spec = prior if isinstance(prior, str) else type(prior).__name__
+        self.prior = build_prior(prior) if isinstance(prior, str) else prior
         # DiffExplainer reads its soft tokens out as the masked LM's words when there is one
         self.mlm = self._mlm(mlm) if (mode == "dexter" or mlm is not None or world == "shapes") else None
         self.reader = build_encoder(reader) if isinstance(reader, str) else reader

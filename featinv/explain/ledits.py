@@ -9,7 +9,8 @@ quantile, Eq. 12). The pipeline keeps only the *last* inversion; this wrapper st
 inversion state (initial latents, noise maps, timesteps) and restores it before an edit, so one
 inversion serves every keyword (DiffEx steps 4-5). Everything else is the library's pipeline, except
 one fix: its attention store mixes the images of a batch (``_batched_store_call``), so edits are made
-batch-correct here (tested: a batched edit equals the one-image edits).
+batch-correct here (tested: the store's maps equal the one-image maps exactly, and a batched edit equals
+the one-image edits at edit_threshold 0, where no quantile mask can flip on a last-bit difference).
 
 Seeds: DiffEx averages a keyword's effect over ``n_samples`` seeded edits; with LEDITS++ the
 randomness is the inversion noise, drawn here per image from ``target_seed(seed, "diffex", id)``

@@ -46,6 +46,8 @@ class Template:
         if self.n_slots == 0:
             raise ValueError(f"template {self.text!r} has no '{{}}' slot")
         if self.slot_vocab is not None:
+            if isinstance(self.slot_vocab, str) or any(isinstance(v, str) for v in self.slot_vocab):
+                raise ValueError(f"slot_vocab needs one word *list* per slot, got {self.slot_vocab!r}")
             self.slot_vocab = [[str(w) for w in v] for v in self.slot_vocab]
             if len(self.slot_vocab) != self.n_slots or not all(self.slot_vocab):
                 raise ValueError(f"slot_vocab needs one non-empty word list per slot ({self.n_slots}), "

@@ -46,7 +46,6 @@ def _slot_vocab() -> list[list[str]]:
     return out
 
 
-
 def value_words(factor: str, value: str) -> list[str]:
     """The canonical slot words of a factor value: "top left" -> [top, left], "center" -> [middle, center],
     "dark blue" (background) -> [blue]."""
