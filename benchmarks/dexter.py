@@ -54,7 +54,7 @@ from featinv.explain.shapes import (  # noqa: E402
 from featinv.methods import get_method  # noqa: E402
 from featinv.objectives import ClassLogit  # noqa: E402
 
-CLASSIFIERS = ["biased-shape-bg", "biased-color-bg", "biased-shape-color", "biased-size-bg",
+CLASSIFIERS = ["biased-shape-bg", "biased-shape-position", "biased-shape-color", "biased-size-bg",
                "unbiased-shape", "unbiased-color", "unbiased-size", "unbiased-position"]
 # candidate DEXTER configs for validation (DexterConfig fields); "authors" = the paper's defaults scaled down
 CONFIGS = {

@@ -44,7 +44,7 @@ from featinv.zoo.shapes import world as W  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIERS = ["unbiased-shape:circle", "unbiased-color:red", "unbiased-size:large", "unbiased-position:top left",
-               "biased-shape-bg:circle", "biased-color-bg:blue", "biased-shape-color:triangle", "biased-size-bg:small"]
+               "biased-shape-bg:circle", "biased-shape-position:star", "biased-shape-color:triangle", "biased-size-bg:small"]
 
 
 def sd_dir(a) -> Path:

@@ -387,6 +387,42 @@ def test_target_classifiers_match_meta_and_biased_ones_show_their_bias():
     assert b["test_accuracy_bias_aligned"] > b["test_accuracy_bias_conflicting"]
 
 
+def test_every_planted_bias_is_used_by_its_classifier_on_val_renders():
+    """A planted bias is the seed systems' ground truth only if the classifier uses it: measured here on
+    val renders (factors independent), not read from meta.json."""
+    from featinv.zoo.shapes import load_target_classifier, targets
+
+    x, rows = W.load_split("single", "val", 600)
+    for name in targets.BIASED:
+        with torch.no_grad():
+            pred = load_target_classifier(name)(x).argmax(1).numpy()
+        use = targets.bias_use(name, pred, rows)
+        assert use["gap"] >= targets.MIN_BIAS_GAP and use["follows_bias"] >= 0.5, (name, use)
+        assert abs(use["gap"] - META["shapes-targets"]["models"][name]["val_bias_use"]["gap"]) < 0.1, name
+    for name in targets.UNBIASED:  # the unbiased counterparts read their label on the same renders
+        with torch.no_grad():
+            pred = load_target_classifier(name)(x).argmax(1).numpy()
+        assert (pred == rows[targets.UNBIASED[name]]).mean() > 0.95, name
+
+
+def test_bias_use_separates_a_classifier_that_follows_the_bias_from_one_that_reads_the_label():
+    from featinv.zoo.shapes import targets
+
+    rows = W.load_split("single", "val", 400)[1]
+    label, bias, mapping, _ = targets.BIASED["biased-shape-bg"]
+    reads_label = rows[label].astype(int)
+    inverse = {b: a for a, b in enumerate(mapping)}
+    follows = np.array([inverse[b] for b in rows[bias]])  # 4 shapes <-> 4 backgrounds: always defined
+    honest, cheat = targets.bias_use("biased-shape-bg", reads_label, rows), targets.bias_use("biased-shape-bg", follows, rows)
+    assert honest["gap"] == 0 and honest["follows_bias"] == 0 and honest["accuracy_bias_conflicting"] == 1
+    assert cheat["gap"] == 1 and cheat["follows_bias"] == 1 and cheat["accuracy_bias_aligned"] == 1
+    assert 0 < honest["n_conflicting"] < len(rows)
+    with pytest.raises(ValueError, match="bias-conflicting"):
+        aligned = rows.copy()
+        aligned[bias] = np.asarray(mapping)[aligned[label].astype(int)]
+        targets.bias_use("biased-shape-bg", reads_label, aligned)
+
+
 # -- guidance on the shapes prior ----------------------------------------------------------------------
 def test_guided_inversion_on_the_shapes_prior_lowers_the_feature_distance():
     import featinv

@@ -108,7 +108,7 @@ def classifier_info(name: str) -> dict:
         name = name[4:]
     name = name.removeprefix("shapes-target-").split("?")[0].split("@")[0]
     if name in targets.BIASED:
-        label, bias, mapping = targets.BIASED[name]
+        label, bias, mapping, _ = targets.BIASED[name]
         return dict(name=name, label_factor=label, classes=list(world.FACTORS[label]), bias_factor=bias,
                     bias_values=[world.FACTORS[bias][m] for m in mapping])
     if name in targets.UNBIASED:
