@@ -183,14 +183,28 @@ def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
 
     pipe = S.load_pipeline("shapes-sd")
     assert T.split_words(pipe.tokenizer) == {}
-    # a rebuilt BPE has the same tokens; their ids follow tokenizers' hash order, so the committed
-    # tokenizer (the one the text encoder was trained with) is the reference, never a rebuild
+    # a rebuilt BPE has the same tokens; the committed tokenizer (the one the text encoder was trained
+    # with) is the reference, never a rebuild (folders trained before canonical_vocab have hash-ordered ids)
     assert set(pipe.tokenizer.get_vocab()) == set(T.build_tokenizer().get_vocab())
     assert pipe.unet.dtype == torch.float32  # stored as float16, loaded as float32
     g = torch.Generator().manual_seed(0)
     out = pipe(["a large red circle in the center on a white background", ""], height=32, width=32,
                num_inference_steps=2, guidance_scale=3.0, generator=g, output_type="pt").images
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_tokenizer_rebuilds_with_the_same_ids():
+    """BpeTrainer numbers some tokens in a random hash order (4 builds in one process gave 3 different
+    vocabularies); canonical_vocab makes every build, and so every retraining, identical."""
+    from featinv.zoo.shapes import text as T
+
+    builds = [T.build_tokenizer() for _ in range(4)]
+    vocab = builds[0].get_vocab()
+    assert all(b.get_vocab() == vocab for b in builds[1:])
+    assert vocab[T.BOS] == 0 and vocab[T.EOS] == 1 and T.split_words(builds[0]) == {}
+    caption = "a small red triangle at the top left on a gray background"
+    assert builds[0].tokenize(caption) == builds[-1].tokenize(caption) == \
+        [w + "</w>" for w in caption.split()]
 
 
 def test_training_stages_expand_in_order_and_optional_ones_only_when_named():

@@ -73,8 +73,22 @@ def build_tokenizer(max_length: int = MAX_LENGTH):
     bpe.train_from_iterator(caption_corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+    tok = CLIPTokenizer(vocab=canonical_vocab(model["vocab"], merges), merges=merges, model_max_length=max_length)
     return tok
+
+
+def canonical_vocab(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Ids independent of the trainer's hash order: the special tokens, then every other non-merged token
+    sorted, then the merge results in merge order. ``BpeTrainer`` numbers the single-character word-end
+    tokens ("e</w>", "1</w>", ...) in the order of a Rust hash map with a random state, so without this a
+    rebuild -- and a text encoder trained on it -- differs from run to run (the merges do not)."""
+    made = list(dict.fromkeys(a + b for a, b in merges))
+    specials = [t for t in (BOS, EOS) if t in vocab]
+    rest = sorted(set(vocab) - set(made) - set(specials))
+    order = specials + rest + [t for t in made if t not in specials]
+    if sorted(order) != sorted(vocab):
+        raise RuntimeError("canonical_vocab lost or duplicated a token")
+    return {t: i for i, t in enumerate(order)}
 
 
 def save_tokenizer(folder: str | Path) -> Path:
