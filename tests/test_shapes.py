@@ -205,6 +205,12 @@ def test_tokenizer_rebuilds_with_the_same_ids():
     caption = "a small red triangle at the top left on a gray background"
     assert builds[0].tokenize(caption) == builds[-1].tokenize(caption) == \
         [w + "</w>" for w in caption.split()]
+    # the committed tokenizers came from three separate processes (hash-ordered ids); renumbered, each
+    # is exactly this build: same tokens, same merges
+    for folder in ("shapes-sd/tokenizer", "shapes-multi-sd/tokenizer", "shapes-clip"):
+        model = json.loads(open(f"{WEIGHTS}/{folder}/tokenizer.json").read())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        assert T.canonical_vocab(model["vocab"], merges) == vocab, folder
 
 
 def test_training_stages_expand_in_order_and_optional_ones_only_when_named():
@@ -435,6 +441,10 @@ def test_bias_use_separates_a_classifier_that_follows_the_bias_from_one_that_rea
         aligned = rows.copy()
         aligned[bias] = np.asarray(mapping)[aligned[label].astype(int)]
         targets.bias_use("biased-shape-bg", reads_label, aligned)
+    with pytest.raises(ValueError, match="bias-conflicting"):  # and none aligned: the gap would be NaN
+        conflicting = rows.copy()
+        conflicting[bias] = (np.asarray(mapping)[conflicting[label].astype(int)] + 1) % 4
+        targets.bias_use("biased-shape-bg", reads_label, conflicting)
 
 
 # -- guidance on the shapes prior ----------------------------------------------------------------------

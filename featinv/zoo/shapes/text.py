@@ -4,8 +4,9 @@ The BPE vocabulary and merges come from ``tokenizers``' ``BpeTrainer`` run on ev
 modes, with CLIP's own normaliser, pre-tokeniser (CLIP regex + byte level) and ``</w>`` end-of-word
 suffix; merges are learnt until no pair is left, so every grammar word is one token (hand-written
 merge lists mis-split words). Unknown words still encode through the byte alphabet.
-BPE ids of equal-frequency pairs follow ``tokenizers``' hash order, so a rebuild has the same tokens but
-not always the same ids: the committed tokenizer, which the text encoder was trained with, is the reference.
+``BpeTrainer`` numbers some tokens in a random hash order; ``canonical_vocab`` renumbers them, so every
+build since 2026-11-25 is identical. Folders saved before have hash-ordered ids: always load a folder's
+own tokenizer (the one its text encoder was trained with), never a rebuild.
 The result loads with ``CLIPTokenizer.from_pretrained`` like Stable Diffusion's tokenizer; the
 pad token is ``<|endoftext|>`` as in SD and the context length is ``MAX_LENGTH``.
 """

@@ -170,13 +170,14 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     Every 250 steps the log shows how much the (EMA) UNet's noise prediction changes when one factor's
     words change (``conditioning_probe``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = S.sd_dir(name, out)
     if init_from is not None and scheduler:
         raise ValueError("a continued UNet keeps its stored scheduler; do not pass scheduler overrides")
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
-    tok = T.build_tokenizer()
+    # a continued UNet keeps the tokenizer its text encoder was trained with (older folders' ids differ)
+    tok = T.build_tokenizer() if init_from is None else CLIPTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
     if init_from is not None:
         from diffusers import DDPMScheduler
 
