@@ -213,6 +213,27 @@ def test_tokenizer_rebuilds_with_the_same_ids():
         assert T.canonical_vocab(model["vocab"], merges) == vocab, folder
 
 
+def test_committed_weights_were_trained_with_the_configured_stages():
+    """`python -m featinv.zoo.train --what shapes` must be the command that made the committed weights: every
+    stage's recorded hyper-parameters equal its CONFIG (the VAE configured a third phase it never ran)."""
+    from featinv.zoo.shapes import train as ST
+
+    for stage, cfg in ST.CONFIG.items():
+        if stage in ST.OPTIONAL:
+            continue
+        entry = META[ST.META_NAME.get(stage, stage)]
+        hp = entry["hyperparameters"]
+        for key, value in cfg.items():
+            if key == "phases":
+                ran = entry["phases"]
+                assert len(ran) == len(value), (stage, len(ran), len(value))
+                for rec, (steps, lr, object_weight, boost) in zip(ran, value):
+                    assert (rec["steps"], rec["lr"], rec["object_weight"], rec["small_object_boost"]) == \
+                        (steps, lr, object_weight, boost), (stage, rec["phase"])
+            else:
+                assert hp.get(key) == value, (stage, key, hp.get(key), value)
+
+
 def test_training_stages_expand_in_order_and_optional_ones_only_when_named():
     from featinv.zoo.shapes import train as ST
 

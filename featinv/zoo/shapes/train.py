@@ -31,7 +31,9 @@ CONFIG = {
     "shapes-reader": dict(seed_offset=1000, n=40000, steps=2500, batch=128, lr=2e-3, width=48),
     "shapes-detector": dict(seed_offset=1100, n=30000, steps=1500, batch=128, lr=2e-3, width=32),
     "shapes-vae": dict(seed_offset=0, n_single=30000, n_multi=10000, batch=64, kl_weight=1e-9,
-                       phases=[[1500, 1e-3, 10.0, False], [1000, 5e-4, 10.0, False], [1500, 3e-4, 10.0, True]]),
+                       # [steps, lr, object_weight, small_object_boost]: the two phases the committed VAE ran
+                       # (a third, [1500, 3e-4, 10.0, True], was configured from 2026-11-24 but never run)
+                       phases=[[1500, 1e-3, 10.0, False], [1000, 5e-4, 10.0, False]]),
     # v prediction, plain v-MSE, zero terminal SNR, trailing steps (Lin et al. 2024): with SD's schedule
     # (epsilon, Min-SNR-5, a_T = 0.0047) the UNet never learnt position words (train_sd.conditioning_probe)
     "shapes-unet": dict(seed_offset=0, n=50000, steps=2500, batch=128, lr=1e-3, ema_decay=0.999, snr_gamma=None,
