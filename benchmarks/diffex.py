@@ -104,7 +104,7 @@ def score_fn(name, a):
     from featinv.zoo.shapes import targets
 
     model, cls = name.rsplit(":", 1)
-    factor = targets.BIASED[model][0] if model in targets.BIASED else targets.UNBIASED[model]
+    factor = targets.BIASED[model].label if model in targets.BIASED else targets.UNBIASED[model]
     k = W.FACTORS[factor].index(cls)
     clf = SO.target_classifier(model, a.weights)
     return lambda x: torch.cat([clf(x[i:i + 256].float()).softmax(1)[:, k] for i in range(0, len(x), 256)])

@@ -298,7 +298,7 @@ class DiffExModule(_Explainer):
 
         model, cls = name.rsplit(":", 1) if ":" in name else (name, "0")
         if not cls.lstrip("-").isdigit():
-            factor = targets.BIASED[model][0] if model in targets.BIASED else targets.UNBIASED[model]
+            factor = targets.BIASED[model].label if model in targets.BIASED else targets.UNBIASED[model]
             cls = W.FACTORS[factor].index(cls)
         clf, k = self.classifier(model), int(cls)
         return lambda x: torch.cat([clf(x[i:i + 256].float()).softmax(1)[:, k] for i in range(0, len(x), 256)])
