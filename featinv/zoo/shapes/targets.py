@@ -95,9 +95,10 @@ def label_fn(name: str, threshold: float | None = None):
     return lambda rows: torch.from_numpy(rows[factor].astype(np.int64))
 
 
-def biased_rows(rows: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
-    """Training rows of a biased target: the bias factor follows the label with probability ``alignment``."""
-    label, bias, mapping, p = BIASED[name]
+def biased_rows(rows: np.ndarray, name: str | Bias, rng: np.random.Generator) -> np.ndarray:
+    """Training rows of a biased target (a name of BIASED or a ``Bias``): the bias factor follows the label
+    with probability ``alignment``."""
+    label, bias, mapping, p = BIASED[name] if isinstance(name, str) else name
     out = rows.copy()
     n_bias = len(W.FACTORS[bias])
     aligned = np.asarray(mapping)[rows[label].astype(int)]
@@ -106,13 +107,13 @@ def biased_rows(rows: np.ndarray, name: str, rng: np.random.Generator) -> np.nda
     return out
 
 
-def bias_use(name: str, pred, rows: np.ndarray) -> dict:
-    """How much biased target ``name`` follows its planted bias, from its predictions on rows whose factors
+def bias_use(name: str | Bias, pred, rows: np.ndarray) -> dict:
+    """How much biased target ``name`` (a name of BIASED or a ``Bias``) follows its planted bias, from its predictions on rows whose factors
     are independent: accuracy on bias-aligned and bias-conflicting rows and their gap ("conflicting" also
     holds rows whose bias value no label maps to, e.g. a non-corner position: a model that needs the bias is
     lost there too), and ``follows_bias`` = the share of the conflicting rows whose bias value some label
     maps to that are predicted as that label (None if there are none)."""
-    label, bias, mapping, _ = BIASED[name]
+    label, bias, mapping, _ = BIASED[name] if isinstance(name, str) else name
     pred, mapping = np.asarray(pred), np.asarray(mapping)
     aligned = rows[bias] == mapping[rows[label].astype(int)]
     ok = pred == rows[label]
