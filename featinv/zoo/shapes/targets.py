@@ -12,12 +12,12 @@ is the logits.
 A planted bias is only a truth if the model uses it, so it is measured, not assumed: on validation
 renders (factors independent) the accuracy on bias-conflicting rows must be at least ``MIN_BIAS_GAP``
 below that on bias-aligned rows, or training stops with an error (``bias_use``). Measured on val
-(2026-11-25; throw-away probes with two seeds, then the committed models): a CNN learns the easier
+(2026-11-25; two seeds each, then the committed models): a CNN learns the easier
 factor. At 95 % alignment a colour label ignores a background bias (gap 0.00; 6 colours onto 4
 backgrounds, so colour must be learnt anyway), a background label a colour bias (0.00, also at 100 %),
 a size label a background bias (0.06) or a colour bias (0.00). Shape labels take a 95 % background,
 colour or position bias (committed gaps 1.00, 0.87, 0.84); a size label takes a background bias at 99 %
-alignment (probe seeds 0.63, 0.65; the committed model 0.83).
+alignment (probe seeds 0.64, 0.56; the committed model 0.83). The probes: benchmarks/planted_bias_probes.py.
 """
 from __future__ import annotations
 
