@@ -131,7 +131,8 @@ def run_seed(seed: int, quantiles: dict, schedule: str, log) -> tuple[list[dict]
                      **{k: v for k, v in r.items() if not isinstance(v, list)},
                      **{f"{k}_{c}": v for k, vals in r.items() if isinstance(vals, list) for c, v in enumerate(vals)}})
         log(f"seed {seed} {comp.name:12s} " + " ".join(f"{k}={rows[-1][k]:.3f}" for k, _, _ in METRICS))
-    infl = {t: rcav_influence(pairs, test.X, net, alpha=1.0, n_perm=200, seed=seed, test=t) for t in ("rcav", "paired")}
+    infl = {t: rcav_influence(pairs, test.X, net, alpha=1.0, n_perm=200, seed=seed, test=t)
+            for t in ("rcav", "pattern", "paired")}
     iou = dissection_iou(pairs.detect(test.X) > 0.5, test.on)
     extra = {"pairs": pairs, "world": world, "test": test, "iou": iou, "influence": infl, "net": report}
     return rows, extra
@@ -235,8 +236,11 @@ def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> 
           f"{SAE_EPOCHS} epochs). EDDP's `fast` schedule was chosen on validation worlds 100-103 by hand "
           "(see featinv/explain/eddp.py, PRESETS).", ""]
     L += ["EDDP influence (featinv.explain.influence; alpha = 1 along the unit signal vector, 200 permutations, "
-          "p < 0.05 / 9, Bonferroni over 3 directions x 3 classes), SDC / SCDP per seed: RCAV null (random data "
-          "directions) " + ", ".join(f"{e['influence']['rcav'].sdc} / {e['influence']['rcav'].scdp}" for e in extras)
+          "p < 0.05 / 9, Bonferroni over 3 directions x 3 classes), SDC / SCDP per seed: RCAV null (logistic-regression "
+          "CAVs of permuted detector labels, Pfau et al. 2021) "
+          + ", ".join(f"{e['influence']['rcav'].sdc} / {e['influence']['rcav'].scdp}" for e in extras)
+          + "; pattern null (differences of means of permuted labels: random directions shaped like the data) "
+          + ", ".join(f"{e['influence']['pattern'].sdc} / {e['influence']['pattern'].scdp}" for e in extras)
           + "; paired null (does the direction change the prediction at all) "
           + ", ".join(f"{e['influence']['paired'].sdc} / {e['influence']['paired'].scdp}" for e in extras) + ".", ""]
     L += ["Definitions: components are matched to concepts by the Hungarian algorithm on the test IoU (both "

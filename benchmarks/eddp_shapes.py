@@ -218,8 +218,9 @@ def markdown(results, am, args, header: str) -> str:
          "label is its best-IoU concept if IoU >= 0.04 (Network Dissection), detections = W^T x - b > 0 upsampled "
          "bilinearly to 32x32. Influence: RCAV step alpha = median coordinate spread of the directions, "
          f"change of the class {args.influence_on} (f+), {args.influence_images} test images, permutation test with 2 I C / 0.05 permutations, p < 0.05 / (I C) "
-         "(Bonferroni); RCAV null = random data directions (one shared null set), paired null = random signs of the "
-         "per-image changes. Counterfactual: every position of a test image moved by k sigma_i along s_i; success = "
+         "(Bonferroni); one shared null set per test: RCAV null = logistic-regression CAVs of permuted detector labels "
+         "(Pfau et al. 2021), pattern null = differences of means of permuted labels (random directions shaped like the "
+         "data: stricter), paired null = random signs of the per-image changes. Counterfactual: every position of a test image moved by k sigma_i along s_i; success = "
          "the prediction becomes the class the direction's label names (only directions labelled with a class of the "
          "classifier), control = the same step along random directions; k chosen on val from "
          f"{list(CF_GRID)}.", ""]
@@ -229,15 +230,16 @@ def markdown(results, am, args, header: str) -> str:
                  + f" -> I = {r['I']} (fit {r['fit_seconds']:.0f} s); counterfactual k = {r['cf_k']:g} (val success - "
                  "control: " + ", ".join(f"{k:g}: {_f(v)}" for k, v in r["cf_val"].items()) + ").")
     L += ["", "### Labels and influence (test)", "",
-          "| classifier | method | directions | labelled | S^1 | S^2 | SDC / SCDP (RCAV null) | SDC / SCDP (paired) | "
-          "significant directions' labels (RCAV) | (paired) | counterfactual success / control (directions) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| classifier | method | directions | labelled | S^1 | S^2 | SDC / SCDP (RCAV null) | SDC / SCDP (pattern) | "
+          "SDC / SCDP (paired) | significant directions' labels (RCAV) | (pattern) | (paired) | counterfactual success / "
+          "control (directions) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, rep in r["reports"].items():
             s = rep.summary()
             L.append(f"| {r['spec']} | {name} | {s['n_directions']} | {s['labelled']} | {s['S1']:.3f} | {s['S2']:.3f} | "
-                     f"{s.get('SDC_rcav')} / {s.get('SCDP_rcav')} | {s.get('SDC_paired')} / {s.get('SCDP_paired')} | "
-                     f"{_sig_labels(rep, 'rcav')} | {_sig_labels(rep, 'paired')} | {_f(s['cf_success'])} / "
+                     f"{s.get('SDC_rcav')} / {s.get('SCDP_rcav')} | {s.get('SDC_pattern')} / {s.get('SCDP_pattern')} | "
+                     f"{s.get('SDC_paired')} / {s.get('SCDP_paired')} | {_sig_labels(rep, 'rcav')} | "
+                     f"{_sig_labels(rep, 'pattern')} | {_sig_labels(rep, 'paired')} | {_f(s['cf_success'])} / "
                      f"{_f(s['cf_control'])} ({s['cf_directions']}) |")
     L += ["", "Baselines: PCA / FastICA / NMF / SAE with I components on the same train positions "
           f"({args.baseline_positions} sampled), signs and detection quantiles chosen on val; Pattern-CAV is supervised "
@@ -247,7 +249,7 @@ def markdown(results, am, args, header: str) -> str:
     L += ["### What must hold: the significant directions of the shape classifier are shape-labelled", ""]
     for r in results:
         rep = r["reports"]["EDDP"]
-        for t in ("rcav", "paired"):
+        for t in ("rcav", "pattern", "paired"):
             sig = rep.significant(t)
             n = sum(sig)
             share = {f: rep.label_share(f, t) for f in ("shape", "color")}
@@ -278,8 +280,8 @@ def markdown(results, am, args, header: str) -> str:
     for r in results:
         rep = r["reports"]["EDDP"]
         names = [m for (s, m) in am["per"] if s == r["spec"]]
-        L += [f"`{r['spec']}`:", "", "| dir | label | IoU | RCAV | paired | strongest class effect | counterfactual | "
-              + " | ".join(f"AM {m}" for m in names) + " |", "|---" * (7 + len(names)) + "|"]
+        L += [f"`{r['spec']}`:", "", "| dir | label | IoU | RCAV | pattern | paired | strongest class effect | counterfactual | "
+              + " | ".join(f"AM {m}" for m in names) + " |", "|---" * (8 + len(names)) + "|"]
         for row in rep.rows():
             i = row["direction"]
             hits = []
@@ -288,7 +290,8 @@ def markdown(results, am, args, header: str) -> str:
                 hits.append("n/a" if torch.isnan(h).all() else f"{float(h.mean()):.2f}")
             cf = "n/a" if row["cf_success"] is None else f"{row['cf_success']:.2f} (ctrl {row['cf_control']:.2f})"
             L.append(f"| {i} | {row['label_factor']}:{row['label_value']} | {row['iou']:.3f} | "
-                     f"{'yes' if row['significant_rcav'] else 'no'} | {'yes' if row['significant_paired'] else 'no'} | "
+                     f"{'yes' if row['significant_rcav'] else 'no'} | {'yes' if row['significant_pattern'] else 'no'} | "
+                     f"{'yes' if row['significant_paired'] else 'no'} | "
                      f"{row['top_class']} {row['top_effect']:+.4f} | {cf} | " + " | ".join(hits) + " |")
         L.append("")
     return "\n".join(L)

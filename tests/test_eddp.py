@@ -195,6 +195,35 @@ def test_rcav_flags_a_planted_influential_direction_and_not_a_null_one():
     assert torch.equal(paired.effect, res.effect)
 
 
+def test_rcav_null_is_a_cav_of_permuted_labels_and_the_pattern_null_a_random_pattern():
+    """The network reads only the activations' one high-variance direction e0, and s = (e0 + e1) / sqrt 2. A
+    random *pattern* (difference of means of random position sets ~ Sigma noise) points mostly along e0, so s is
+    no more influential than it; a CAV fitted on permuted labels (~ Sigma^-1 noise) points mostly elsewhere, so
+    against RCAV's null s is significant."""
+    g = torch.Generator().manual_seed(0)
+    D = 8
+    net = syn.PooledLinear(D, 3)
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.weight[0, 0], net.fc.weight[1, 0] = 0.1, -0.1
+        net.fc.bias.zero_()
+    X = torch.randn(300, 2, D, generator=g)
+    X[..., 0] *= 10.0
+    s = torch.zeros(D, 1)
+    s[:2] = 2 ** -0.5
+    pairs = DirectionPairs(s.clone(), torch.zeros(1), s)
+    positives = torch.rand(600, 1, generator=g) < 0.3
+    kw = dict(alpha=1.0, n_perm=150, seed=0, positives=positives)
+    rcav = rcav_influence(pairs, X, net, test="rcav", **kw)
+    pattern = rcav_influence(pairs, X, net, test="pattern", **kw)
+    assert torch.equal(rcav.effect, pattern.effect) and rcav.effect[0, 0] > 0
+    assert rcav.significant[0, :2].all()
+    assert not pattern.significant.any() and pattern.p_values.min() > 0.05
+    assert pattern.null.abs().mean() > 5 * rcav.null.abs().mean()
+    with pytest.raises(ValueError, match="'rcav', 'pattern' or 'paired'"):
+        rcav_influence(pairs, X, net, test="cav", **kw)
+
+
 # -- synthetic world and scoring ----------------------------------------------------------------------
 def test_synthetic_world_matches_the_paper_setting():
     w = syn.make_world(0)

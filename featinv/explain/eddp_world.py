@@ -53,8 +53,8 @@ class LayerConfig:
     cf_k: float = 2.0          # counterfactual step, in coordinate spreads sigma_i
     n_random: int = 4          # random control directions per counterfactual
     min_iou: float = MIN_IOU
-    tests: tuple = ("rcav", "paired")
-    shared_null: bool = True   # one RCAV null set for all directions (``influence`` docstring)
+    tests: tuple = ("rcav", "pattern", "paired")  # the influence nulls (``influence`` docstring)
+    shared_null: bool = True   # one null set for all directions (rcav, pattern; ``influence`` docstring)
     influence_images: Optional[int] = 256  # evaluation images the influence test runs on (None: all)
     influence_on: str = "probabilities"  # what the influence test measures: "probabilities" (RCAV) or "logits"
 
