@@ -115,12 +115,13 @@ def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps:
     sched.set_timesteps(steps)
     unet, vae = pipe.unet, pipe.vae
     scale = vae.config.scaling_factor
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     out = []
     for i in range(0, len(captions), batch):
         caps, sds = list(captions[i:i + batch]), list(seeds[i:i + batch])
         cond = encode_captions(pipe.text_encoder, pipe.tokenizer, caps)
         unc = encode_captions(pipe.text_encoder, pipe.tokenizer, [negative]).expand(len(caps), -1, -1)
-        z = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in sds])
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in sds])
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in sds]
         for t in sched.timesteps:
             tt = t.expand(len(z))
@@ -131,7 +132,7 @@ def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps:
                                 encoder_hidden_states=torch.cat([unc, cond])).sample.chunk(2)
                 eps = e_u + cfg_scale * (e_c - e_u)
             if eta > 0:
-                noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
                 z = sched.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
             else:
                 z = sched.step(eps, t, z, eta=0.0).prev_sample
