@@ -193,6 +193,22 @@ def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_generate_draws_noise_of_the_unets_latent_shape(tmp_path):
+    """``sd.generate`` with a 16x16-latent folder (a VAE that halves 32 px): the noise must be 4x16x16, not the
+    8x8 of the committed folders, or the images come out 16 px."""
+    from diffusers import StableDiffusionPipeline
+
+    from featinv.zoo.shapes import sd as S
+    from _tiny_sd import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "sd16", latent_size=16)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    x = S.generate(pipe, ["a small red circle at the top left on a gray background", ""], seeds=[0, 1], steps=2)
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    again = S.generate(pipe, ["a small red circle at the top left on a gray background"], seeds=[0], steps=2)
+    torch.testing.assert_close(again[0], x[0])  # one generator per image: batch companions do not matter
+
+
 def test_tokenizer_rebuilds_with_the_same_ids():
     """BpeTrainer numbers some tokens in a random hash order (4 builds in one process gave 3 different
     vocabularies); canonical_vocab makes every build, and so every retraining, identical."""
