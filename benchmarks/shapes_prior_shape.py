@@ -58,6 +58,17 @@ def pair_distances(x: torch.Tensor) -> tuple[float, float]:
     return float(d_word), float(d_seed)
 
 
+def read_agreement(shape_read: torch.Tensor) -> tuple[float, float]:
+    """shape_read (n_rows, n_words, n_seeds) -> share of pairs of *different* words read as the same shape,
+    (from the same seed, from different seeds)."""
+    _, nw, ns = shape_read.shape
+    pairs = list(itertools.combinations(range(nw), 2))
+    same = np.mean([float((shape_read[:, i, s] == shape_read[:, j, s]).float().mean()) for i, j in pairs for s in range(ns)])
+    other = np.mean([float((shape_read[:, i, s] == shape_read[:, j, t]).float().mean())
+                     for i, j in pairs for s in range(ns) for t in range(ns) if s != t])
+    return float(same), float(other)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=64, help="validation rows")
@@ -91,11 +102,7 @@ def main(argv=None) -> dict:
     asked = torch.arange(nw).view(1, nw, 1).expand_as(shape_read)
     conf = np.zeros((nw, nw), dtype=int)
     np.add.at(conf, (asked.flatten().numpy(), shape_read.flatten().numpy()), 1)
-    pairs = list(itertools.combinations(range(nw), 2))
-    same_seed = np.mean([float((shape_read[:, i, s] == shape_read[:, j, s]).float().mean())
-                         for i, j in pairs for s in range(args.seeds)])
-    other_seed = np.mean([float((shape_read[:, i, s] == shape_read[:, j, t]).float().mean())
-                          for i, j in pairs for s in range(args.seeds) for t in range(args.seeds) if s != t])
+    same_seed, other_seed = read_agreement(shape_read)
     x = x.view(args.n, nw, args.seeds, *x.shape[1:])
     d_word, d_seed = pair_distances(x)
     # the renderer's reference: the same rows, every shape, seeds -> other rotation and jitter

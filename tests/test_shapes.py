@@ -209,6 +209,29 @@ def test_generate_draws_noise_of_the_unets_latent_shape(tmp_path):
     torch.testing.assert_close(again[0], x[0])  # one generator per image: batch companions do not matter
 
 
+def test_shape_word_benchmark_tells_a_prior_that_follows_the_word_from_one_that_follows_the_seed():
+    """benchmarks/shapes_prior_shape.py's measures: reads and images that follow the word, or the seed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_prior_shape.py"
+    spec = importlib.util.spec_from_file_location("shapes_prior_shape", path)
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    rows, words, seeds = 6, 4, 3
+    by_word = torch.arange(words).view(1, words, 1).expand(rows, words, seeds)
+    by_seed = (torch.arange(seeds) % words).view(1, 1, seeds).expand(rows, words, seeds)
+    assert B.read_agreement(by_word) == (0.0, 0.0)  # every word read as itself
+    same, other = B.read_agreement(by_seed)
+    assert same == 1.0 and other == 0.0  # the seed alone decides: one seed, one shape
+    g = torch.Generator().manual_seed(0)
+    word_img, seed_img = torch.rand(words, 3, 4, 4, generator=g), torch.rand(seeds, 3, 4, 4, generator=g)
+    d_word, d_seed = B.pair_distances(word_img[None, :, None].expand(rows, words, seeds, 3, 4, 4))
+    assert d_word > 0.1 and d_seed == 0.0
+    d_word, d_seed = B.pair_distances(seed_img[None, None].expand(rows, words, seeds, 3, 4, 4))
+    assert d_word == 0.0 and d_seed > 0.1
+
+
 def test_tokenizer_rebuilds_with_the_same_ids():
     """BpeTrainer numbers some tokens in a random hash order (4 builds in one process gave 3 different
     vocabularies); canonical_vocab makes every build, and so every retraining, identical."""
