@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", type=Path, default=S.WEIGHTS_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.n < 1 or args.seeds < 2 or args.steps < 1:
-        ap.error("--n >= 1, --seeds >= 2 and --steps >= 1 are needed")
+    if not (1 <= args.n <= 1000 and 2 <= args.seeds <= 10 and args.steps >= 1):
+        ap.error("--n in 1..1000, --seeds in 2..10 and --steps >= 1 are needed (per-image seeds stay distinct)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     meta = json.loads((args.weights / "meta.json").read_text())
