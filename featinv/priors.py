@@ -150,7 +150,7 @@ def _eps_from_output(out: torch.Tensor, z: torch.Tensor, t: torch.Tensor, acp: t
     """Convert a UNet output to eps for the three diffusers prediction types."""
     if kind == "epsilon":
         return out
-    a = acp[t].view(-1, 1, 1, 1).to(z.dtype)
+    a = acp.to(t.device)[t].view(-1, 1, 1, 1).to(z.dtype)
     if kind == "v_prediction":  # Salimans & Ho 2022: eps = sqrt(a) v + sqrt(1-a) z
         return a.sqrt() * out + (1 - a).sqrt() * z
     if kind == "sample":  # eps = (z - sqrt(a) x0) / sqrt(1-a)

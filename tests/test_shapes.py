@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -284,6 +285,49 @@ def test_training_stages_expand_in_order_and_optional_ones_only_when_named():
         ST.expand(["shapes-nope"])
 
 
+def test_training_cli_refuses_a_device_it_cannot_train_on(monkeypatch, capsys):
+    """``--device`` moves only the shapes UNet stages: a CUDA device that is not there, an unsupported one,
+    or a device with no UNet stage selected is refused in one line before anything trains; the runner passes
+    the device to the UNet stages alone."""
+    from featinv.zoo import train as Z
+    from featinv.zoo.shapes import train as ST
+    from featinv.zoo.shapes import train_sd
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, msg in ((["--what", "shapes-unet", "--device", "cuda"], "no CUDA device is available"),
+                      (["--what", "shapes-unet", "--device", "mps"], "only cpu and cuda"),
+                      (["--what", "shapes-unet", "--device", "gpu0"], "--device 'gpu0'"),
+                      (["--what", "prior", "--device", "cuda:1"], "none is selected")):
+        with pytest.raises(SystemExit):
+            Z.parse_args(argv)
+        assert msg in capsys.readouterr().err, argv
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Z.parse_args(["--what", "shapes-multi-unet,shapes-color", "--device", "cuda"]).device == "cuda"
+    with pytest.raises(SystemExit):
+        Z.parse_args(["--what", "shapes-color", "--device", "cuda"])
+    assert Z.parse_args(["--what", "shapes-color"]).device == "cpu"
+
+    seen = {}
+
+    def fake_train_unet(name, mode, out, **kw):
+        seen[name] = kw["device"]
+        return Path(out) / name, {}
+
+    monkeypatch.setattr(train_sd, "train_unet", fake_train_unet)
+    monkeypatch.setattr(ST, "update_meta", lambda *a, **k: None)
+    monkeypatch.setitem(ST.RUNNERS, "shapes-color", lambda out, seed, c: seen.setdefault("color", "called") and {})
+    res = ST.run(["shapes-unet", "shapes-color"], Path("/nonexistent"), scale=0.001, device="cuda")
+    assert seen == {"shapes-sd": "cuda", "color": "called"} and res["shapes-unet"]["device"] == "cuda"
+
+
+def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):
+    from featinv.zoo.shapes import train_sd
+
+    with pytest.raises(FileNotFoundError, match="run the shapes-vae stage into"):
+        train_sd.train_unet("shapes-sd", "single", tmp_path, seed=0, steps=1, batch=2, lr=1e-3, n_train=8,
+                            ema_decay=0.9)
+
+
 @pytest.mark.slow
 def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path):
     """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored
@@ -338,12 +382,13 @@ def test_unet_stage_trains_a_zero_terminal_snr_v_prediction_sd_folder(tmp_path):
     (tmp_path / "shapes-sd").mkdir()
     shutil.copytree(S.sd_dir("shapes-sd") / "vae", tmp_path / "shapes-sd" / "vae")
     (tmp_path / "meta.json").write_text("{}")
-    ST.run(["shapes-unet"], tmp_path, seed=0, scale=0.002)
+    ST.run(["shapes-unet"], tmp_path, seed=0, scale=0.002, device="cpu")
     pipe = S.load_pipeline(tmp_path / "shapes-sd")
     cfg = pipe.scheduler.config
     assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
     assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    assert meta["device"] == "cpu"
     assert meta["scheduler"]["prediction_type"] == "v_prediction" and meta["loss"].startswith("MSE of the v_prediction")
     assert set(meta["conditioning_probe"]) == {"eps_t500", "x0_t800"}
     x = S.generate(pipe, ["a small red circle at the top left on a gray background"], seeds=[0], steps=4)

@@ -251,19 +251,32 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--shapes-scale", type=float, default=1.0, help="shapes world: multiply steps and data sizes")
     p.add_argument("--shapes-vae-start-phase", type=int, default=1, help="shapes world: resume the VAE at this phase")
+    p.add_argument("--device", default="cpu",
+                   help="shapes world: where the UNet stages train (e.g. cuda); every other stage runs on the CPU")
     args = p.parse_args(argv)
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
     args.shapes = [w for w in args.what if w == "shapes" or w.startswith("shapes-")]
     bad = set(args.what) - {"prior", "cnn", "vit"} - set(args.shapes)
     if bad:
         p.error(f"--what: unknown {sorted(bad)}; choose from prior, cnn, vit, shapes, shapes-<stage>")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: only cpu and cuda are supported")
     if args.shapes:
-        from featinv.zoo.shapes.train import expand
+        from featinv.zoo.shapes.train import UNET_STAGES, expand
 
         try:
-            expand(args.shapes)
+            stages = expand(args.shapes)
         except ValueError as e:
             p.error(str(e))
+    if dev.type != "cpu" and not (args.shapes and set(stages) & set(UNET_STAGES)):
+        p.error(f"--device {args.device}: only the shapes UNet stages (shapes-unet, shapes-unet-ft, shapes-multi-unet) "
+                "train there; none is selected")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return args
 
 
@@ -280,7 +293,7 @@ def main(argv=None) -> dict:
         from featinv.zoo.shapes import train as shapes_train
 
         results["shapes"] = shapes_train.run(args.shapes, args.out, seed=args.seed, scale=args.shapes_scale,
-                                             vae_start_phase=args.shapes_vae_start_phase)
+                                             vae_start_phase=args.shapes_vae_start_phase, device=args.device)
     print(f"all done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return results
 

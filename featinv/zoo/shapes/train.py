@@ -149,7 +149,7 @@ def train_vae_stage(out: Path, seed: int, c: dict, log=print) -> dict:
 
 def train_unet_stage(name: str, mode: str, finetune: bool = False):
     """A UNet stage; ``finetune``: continue the stored ``name`` UNet with the config's ``object_weight``."""
-    def run(out: Path, seed: int, c: dict, log=print) -> dict:
+    def run(out: Path, seed: int, c: dict, log=print, device: str = "cpu") -> dict:
         from featinv.zoo.shapes import sd as S
         from featinv.zoo.shapes import train_sd
 
@@ -157,8 +157,8 @@ def train_unet_stage(name: str, mode: str, finetune: bool = False):
         folder, info = train_sd.train_unet(name, mode, out, seed=seed, steps=c["steps"], batch=c["batch"], lr=c["lr"],
                                            n_train=c["n"], ema_decay=c["ema_decay"],
                                            scheduler=c.get("scheduler"),
-                                           snr_gamma=c.get("snr_gamma", 5.0), log=log, **extra)
-        return dict(folder=folder.name, **info)
+                                           snr_gamma=c.get("snr_gamma", 5.0), device=device, log=log, **extra)
+        return dict(folder=folder.name, device=str(device), **info)
     return run
 
 
@@ -199,6 +199,7 @@ RUNNERS = {
     "shapes-invariant": train_encoder_stage("shapes-invariant"), "shapes-clip": train_clip_stage,
     "shapes-targets": train_targets_stage, "shapes-probes": probes_stage,
 }
+UNET_STAGES = ("shapes-unet", "shapes-unet-ft", "shapes-multi-unet")  # the stages that train on ``device``
 META_NAME = {"shapes-unet": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd"}
 
 
@@ -211,9 +212,11 @@ def expand(what: list[str]) -> list[str]:
     return [s for s in STAGES if s in sel]
 
 
-def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start_phase: int = 1) -> dict:
+def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start_phase: int = 1,
+        device: str = "cpu") -> dict:
     """Run the selected stages into ``out`` and record each in ``out / 'meta.json'``; ``vae_start_phase``
-    > 1 resumes the VAE from its stored weights at that phase."""
+    > 1 resumes the VAE from its stored weights at that phase. ``device`` (e.g. ``"cuda"``): where the UNet
+    stages train (the long pole); the other stages always run on the CPU."""
 
     results, t_all = {}, time.time()
     for stage in expand(what):
@@ -223,7 +226,7 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
         s = seed + c.get("seed_offset", 0)
         print(f"== {stage} (seed {s}) ==", flush=True)
         t0, load0 = time.time(), os.getloadavg()[0]
-        entry = RUNNERS[stage](out, s, c)
+        entry = RUNNERS[stage](out, s, c, device=device) if stage in UNET_STAGES else RUNNERS[stage](out, s, c)
         entry = dict(entry, stage=stage, stage_wall_seconds=round(time.time() - t0, 1), shapes_scale=scale,
                      hyperparameters=c, load_average_1min=dict(start=round(load0, 2), end=round(os.getloadavg()[0], 2)),
                      **env_info())

@@ -156,7 +156,7 @@ def _captions(rows: np.ndarray, gen: np.random.Generator, p_empty: float, p_part
 def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch: int, lr: float, n_train: int,
                ema_decay: float, p_empty: float = 0.1, p_partial: float = 0.15, snr_gamma: float | None = 5.0,
                unet_over: dict | None = None, init_from: Path | None = None, object_weight: float = 0.0,
-               scheduler: dict | None = None, log=print) -> tuple[Path, dict]:
+               scheduler: dict | None = None, device: str = "cpu", log=print) -> tuple[Path, dict]:
     """Train (or, with ``init_from`` an SD folder, continue training) the UNet and text encoder of a shapes
     SD folder on the VAE's latents. ``object_weight`` > 0 weights the loss on the latent cells the objects
     cover by 1 + object_weight (the renderer's masks pooled to the latent grid): the object is a few of the
@@ -168,14 +168,21 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     epsilon snr, v snr + 1, Min-SNR min(snr, gamma): at high noise epsilon and Min-SNR hardly weight x0 at
     all, and that is where the layout -- where the object goes -- is decided.
     Every 250 steps the log shows how much the (EMA) UNet's noise prediction changes when one factor's
-    words change (``conditioning_probe``)."""
+    words change (``conditioning_probe``). ``device``: where the VAE encodes and the UNet and text encoder
+    train (e.g. ``"cuda"``); every random draw stays on the CPU, so the data order, noise and timesteps are
+    the same on any device."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = S.sd_dir(name, out)
     if init_from is not None and scheduler:
         raise ValueError("a continued UNet keeps its stored scheduler; do not pass scheduler overrides")
+    if not (folder / "vae").is_dir():
+        raise FileNotFoundError(f"{folder / 'vae'} is missing: the UNet trains on that VAE's latents; run the "
+                                f"shapes-vae stage into {out} first or copy featinv/zoo/weights/{name}/vae there")
+    device = torch.device(device)
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
+    vae.to(device)
     # a continued UNet keeps the tokenizer its text encoder was trained with (older folders' ids differ)
     tok = T.build_tokenizer() if init_from is None else CLIPTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
     if init_from is not None:
@@ -189,8 +196,8 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
         raise ValueError("a zero-terminal-SNR schedule needs v_prediction (epsilon is undefined at a = 0)")
     x, rows = W.load_split(mode, "train", n_train)
     with torch.no_grad():
-        post = [vae.encode(x[i:i + 512] * 2 - 1).latent_dist for i in range(0, len(x), 512)]
-    mu, std = torch.cat([p.mean for p in post]), torch.cat([p.std for p in post])
+        post = [vae.encode((x[i:i + 512] * 2 - 1).to(device)).latent_dist for i in range(0, len(x), 512)]
+    mu, std = torch.cat([p.mean.cpu() for p in post]), torch.cat([p.std.cpu() for p in post])
     down = x.shape[-1] // mu.shape[-1]
     del x, post
     obj = F.avg_pool2d(W.masks(rows)["object"][:, None], down) if object_weight > 0 else None
@@ -202,6 +209,7 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
         text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"), local_files_only=True).float()
     else:
         text, unet = S.build_text_encoder(len(tok)), S.build_unet(**(unet_over or {}))
+    text, unet = text.to(device), unet.to(device)
     ema_t, ema_u = (copy.deepcopy(m).eval().requires_grad_(False) for m in (text, unet))
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -229,13 +237,14 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
         unet.train(), text.train()
-        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
         target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
         w = loss_weights(snr[t], prediction, snr_gamma)
+        zt, target, w, ids = zt.to(device), target.to(device), w.to(device), ids.to(device)
+        pred = unet(zt, t.to(device), encoder_hidden_states=text(ids)[0]).sample
         if obj is None:
             per = (pred - target).pow(2).mean(dim=(1, 2, 3))
         else:
-            m = 1 + object_weight * obj[idx]  # (B, 1, h, w), normalised so the loss keeps its scale
+            m = (1 + object_weight * obj[idx]).to(device)  # (B, 1, h, w), normalised so the loss keeps its scale
             per = (m * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / m.mean(dim=(1, 2, 3))
         loss = (w * per).mean()
         opt.zero_grad(set_to_none=True)
@@ -256,7 +265,7 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
                 f"{conditioning_probe(ema_u, ema_t, tok, sched=sched)}, x0 t=800 "
                 f"{conditioning_probe(ema_u, ema_t, tok, t=800, sched=sched, space='x0')}")
     wall, cpu = time.time() - t0, time.process_time() - c0
-    S.save_sd(folder, unet=ema_u, vae=vae, text_encoder=ema_t, tokenizer=tok, scheduler=sched)
+    S.save_sd(folder, unet=ema_u.cpu(), vae=vae.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
     pipe = S.load_pipeline(folder)  # evaluate what is stored
     test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
     info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
@@ -311,8 +320,8 @@ def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, s
     if space not in ("eps", "x0") or (space == "x0" and sched is None):
         raise ValueError(f"space must be 'eps' or 'x0' (with sched=...), got {space!r}, sched={sched}")
     z = torch.randn(n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                    generator=torch.Generator().manual_seed(0))
-    tt = torch.full((n,), t, dtype=torch.long)
+                    generator=torch.Generator().manual_seed(0)).to(unet.device)
+    tt = torch.full((n,), t, dtype=torch.long, device=unet.device)
     was = unet.training, text.training
     unet.eval(), text.eval()
     eps = {k: _eps(unet(z, tt, encoder_hidden_states=S.encode_captions(text, tok, [c] * n)).sample, z, tt, sched)
