@@ -233,6 +233,45 @@ def test_shape_word_benchmark_tells_a_prior_that_follows_the_word_from_one_that_
     assert d_word == 0.0 and d_seed > 0.1
 
 
+def test_sdedit_benchmark_denoises_from_the_level_it_noised_to():
+    """benchmarks/shapes_prior_sdedit.py: with a UNet that knows the noise exactly (its x0 estimate is exact only
+    if the latent was noised to the timestep the UNet is told), SDEdit returns the clean latent from every start
+    step; the shape swap cycles every shape to another one."""
+    import importlib.util
+
+    from diffusers import DDIMScheduler
+
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train as ST
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_prior_sdedit.py"
+    spec = importlib.util.spec_from_file_location("shapes_prior_sdedit", path)
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    base = S.build_scheduler(**ST.CONFIG["shapes-unet"]["scheduler"])
+    sched = DDIMScheduler.from_config(base.config, clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(25)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    acp = sched.alphas_cumprod
+
+    class NoiseOracle:  # v from the true noise: x0-hat = (z - sqrt(1 - a) eps) / sqrt(a)
+        def __call__(self, z, t, encoder_hidden_states):
+            a = acp[t].view(-1, 1, 1, 1)
+            eps = torch.cat([noise, noise])
+            x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+            return type("Out", (), {"sample": a.sqrt() * eps - (1 - a).sqrt() * x0})()
+
+    cond = torch.zeros(3, 2, 8)
+    end = acp[0].sqrt() * z0 + (1 - acp[0]).sqrt() * noise  # DDIM's last step lands on a_0 (set_alpha_to_one=False)
+    for start in (5, 10, 20, 24):
+        out = B.sdedit(NoiseOracle(), sched, z0, noise, cond, cond, start, cfg_scale=1.5)
+        torch.testing.assert_close(out, end, atol=1e-4, rtol=1e-4)
+    _, rows = W.load_split("single", "val", 16)
+    swapped = B.swap_shape(rows)
+    assert (swapped["shape"] != rows["shape"]).all() and (swapped["color"] == rows["color"]).all()
+
+
 def test_tokenizer_rebuilds_with_the_same_ids():
     """BpeTrainer numbers some tokens in a random hash order (4 builds in one process gave 3 different
     vocabularies); canonical_vocab makes every build, and so every retraining, identical."""
@@ -331,7 +370,7 @@ def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):
 @pytest.mark.slow
 def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path):
     """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored
-    model's), trains with the object-weighted loss and records itself inside meta.json's shapes-sd entry."""
+    model's), trains with shapes-unet's own loss and appends one record per call to meta.json's shapes-sd entry."""
     import shutil
 
     from featinv.zoo.shapes import sd as S
@@ -346,8 +385,10 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     ST.run(["shapes-unet-ft"], tmp_path, seed=0, scale=0.002)
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
     assert meta["steps"] == 1 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
-    ft = meta["finetune"]
-    assert ft["init_from"] == "shapes-sd" and "object coverage" in ft["loss"] and ft["steps"] == 8
+    assert len(meta["finetune"]) == 1
+    ft = meta["finetune"][0]
+    assert ft["init_from"] == "shapes-sd" and ft["loss"].startswith("MSE of the v_prediction") and ft["steps"] == 8
+    assert "object coverage" not in ft["loss"] and ft["hyperparameters"]["snr_gamma"] is None
     assert set(ft["conditioning_probe"]) == {"eps_t500", "x0_t800"}
     assert set(ft["conditioning_probe"]["x0_t800"]) == {"position", "shape", "color", "size", "background"}
     after = S.load_pipeline(tmp_path / "shapes-sd")
@@ -355,6 +396,9 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     assert any(changed)
     # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
     assert abs(ft["conditioning_probe"]["eps_t500"]["color"] - before["color"]) < 0.1 * before["color"]
+    ST.run(["shapes-unet-ft"], tmp_path, seed=1, scale=0.002)  # a second call continues the first
+    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    assert [f["seed"] for f in meta["finetune"]] == [2, 3] and meta["fidelity_before_finetune"] == {"x": 1}
 
 
 def test_unet_loss_weights_are_min_snr_in_x0_terms_for_either_target():
