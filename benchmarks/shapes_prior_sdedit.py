@@ -102,7 +102,11 @@ def main(argv=None) -> dict:
                     help="an SD folder to test (repeatable); default: the committed shapes-sd")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    folders = dict(f.split("=", 1) for f in (args.folder or [f"committed={S.sd_dir('shapes-sd')}"]))
+    specs = args.folder or [f"committed={S.sd_dir('shapes-sd')}"]
+    bad = [f for f in specs if "=" not in f]
+    if bad:
+        ap.error(f"--folder {bad[0]!r}: expected NAME=DIR")
+    folders = dict(f.split("=", 1) for f in specs)
     for name, d in folders.items():
         if not (Path(d) / "model_index.json").is_file():
             ap.error(f"--folder {name}={d}: not an SD folder (no model_index.json)")

@@ -255,18 +255,34 @@ def test_sdedit_benchmark_denoises_from_the_level_it_noised_to():
     z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     acp = sched.alphas_cumprod
 
+    d, cfg = 0.3, 1.5
+
+    def guided(v, h):  # conditional (h = 1) and unconditional (h = 0) outputs whose CFG combination is exactly v
+        is_cond = h.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return v + d * (1 - is_cond / cfg)
+
     class NoiseOracle:  # v from the true noise: x0-hat = (z - sqrt(1 - a) eps) / sqrt(a)
         def __call__(self, z, t, encoder_hidden_states):
             a = acp[t].view(-1, 1, 1, 1)
             eps = torch.cat([noise, noise])
             x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-            return type("Out", (), {"sample": a.sqrt() * eps - (1 - a).sqrt() * x0})()
+            return type("Out", (), {"sample": guided(a.sqrt() * eps - (1 - a).sqrt() * x0, encoder_hidden_states)})()
 
-    cond = torch.zeros(3, 2, 8)
+    class LatentOracle:  # v from the true latent (defined at a = 0 too)
+        def __call__(self, z, t, encoder_hidden_states):
+            a = acp[t].view(-1, 1, 1, 1)
+            x0 = torch.cat([z0, z0])
+            eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
+            return type("Out", (), {"sample": guided(a.sqrt() * eps - (1 - a).sqrt() * x0, encoder_hidden_states)})()
+
+    cond, unc = torch.ones(3, 2, 8), torch.zeros(3, 2, 8)
     end = acp[0].sqrt() * z0 + (1 - acp[0]).sqrt() * noise  # DDIM's last step lands on a_0 (set_alpha_to_one=False)
     for start in (5, 10, 20, 24):
-        out = B.sdedit(NoiseOracle(), sched, z0, noise, cond, cond, start, cfg_scale=1.5)
+        out = B.sdedit(NoiseOracle(), sched, z0, noise, cond, unc, start, cfg_scale=cfg)
         torch.testing.assert_close(out, end, atol=1e-4, rtol=1e-4)
+    assert (B.sdedit(NoiseOracle(), sched, z0, noise, unc, cond, 10, cfg) - end).abs().max() > 0.1  # CFG the wrong way
+    # start 0 is t = T, where a = 0: the latent is the noise itself, and the path keeps that noise to the end
+    torch.testing.assert_close(B.sdedit(LatentOracle(), sched, z0, noise, cond, unc, 0, cfg), end, atol=1e-4, rtol=1e-4)
     _, rows = W.load_split("single", "val", 16)
     swapped = B.swap_shape(rows)
     assert (swapped["shape"] != rows["shape"]).all() and (swapped["color"] == rows["color"]).all()
@@ -335,13 +351,18 @@ def test_training_cli_refuses_a_device_it_cannot_train_on(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, msg in ((["--what", "shapes-unet", "--device", "cuda"], "no CUDA device is available"),
                       (["--what", "shapes-unet", "--device", "mps"], "only cpu and cuda"),
-                      (["--what", "shapes-unet", "--device", "gpu0"], "--device 'gpu0'"),
+                      (["--what", "shapes-unet", "--device", "gpu0"], "not a device; use cpu, cuda or cuda:N"),
                       (["--what", "prior", "--device", "cuda:1"], "none is selected")):
         with pytest.raises(SystemExit):
             Z.parse_args(argv)
         assert msg in capsys.readouterr().err, argv
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert Z.parse_args(["--what", "shapes-multi-unet,shapes-color", "--device", "cuda"]).device == "cuda"
+    assert Z.parse_args(["--what", "shapes-unet", "--device", "cuda:0"]).device == "cuda:0"
+    with pytest.raises(SystemExit):
+        Z.parse_args(["--what", "shapes-unet", "--device", "cuda:1"])
+    assert "has 1 CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         Z.parse_args(["--what", "shapes-color", "--device", "cuda"])
     assert Z.parse_args(["--what", "shapes-color"]).device == "cpu"
@@ -365,6 +386,10 @@ def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the shapes-vae stage into"):
         train_sd.train_unet("shapes-sd", "single", tmp_path, seed=0, steps=1, batch=2, lr=1e-3, n_train=8,
                             ema_decay=0.9)
+    (tmp_path / "shapes-sd" / "vae").mkdir(parents=True)  # a continuation needs the whole folder
+    with pytest.raises(FileNotFoundError, match="cp -r featinv/zoo/weights"):
+        train_sd.train_unet("shapes-sd", "single", tmp_path, seed=0, steps=1, batch=2, lr=1e-3, n_train=8,
+                            ema_decay=0.9, init_from=tmp_path / "shapes-sd")
 
 
 @pytest.mark.slow
@@ -399,6 +424,11 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     ST.run(["shapes-unet-ft"], tmp_path, seed=1, scale=0.002)  # a second call continues the first
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
     assert [f["seed"] for f in meta["finetune"]] == [2, 3] and meta["fidelity_before_finetune"] == {"x": 1}
+    meta["fidelity"] = {"x": 2}  # measured between calls: the next call keeps the fidelity before the first one
+    (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": meta}))
+    ST.run(["shapes-unet-ft"], tmp_path, seed=2, scale=0.002)
+    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    assert len(meta["finetune"]) == 3 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
 
 
 def test_unet_loss_weights_are_min_snr_in_x0_terms_for_either_target():

@@ -261,8 +261,8 @@ def parse_args(argv=None):
         p.error(f"--what: unknown {sorted(bad)}; choose from prior, cnn, vit, shapes, shapes-<stage>")
     try:
         dev = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device!r}: {e}")
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: not a device; use cpu, cuda or cuda:N")
     if dev.type not in ("cpu", "cuda"):
         p.error(f"--device {args.device}: only cpu and cuda are supported")
     if args.shapes:
@@ -277,6 +277,8 @@ def parse_args(argv=None):
                 "train there; none is selected")
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return args
 
 

@@ -177,6 +177,9 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     folder = S.sd_dir(name, out)
     if init_from is not None and scheduler:
         raise ValueError("a continued UNet keeps its stored scheduler; do not pass scheduler overrides")
+    if init_from is not None and not (Path(init_from) / "unet").is_dir():
+        raise FileNotFoundError(f"{Path(init_from) / 'unet'} is missing: a continuation starts from a whole SD folder; "
+                                f"copy one there first (cp -r featinv/zoo/weights {out})")
     if not (folder / "vae").is_dir():
         raise FileNotFoundError(f"{folder / 'vae'} is missing: the UNet trains on that VAE's latents; run the "
                                 f"shapes-vae stage into {out} first or copy featinv/zoo/weights/{name}/vae there")
