@@ -313,11 +313,14 @@ def test_committed_weights_were_trained_with_the_configured_stages():
     stage's recorded hyper-parameters equal its CONFIG (the VAE configured a third phase it never ran)."""
     from featinv.zoo.shapes import train as ST
 
+    calls = META["shapes-sd"]["finetune"]  # shapes-unet-ft: one record per call, data-order seeds consecutive
+    cfg = ST.CONFIG["shapes-unet-ft"]
+    assert [c["call"] for c in calls] == list(range(1, cfg["calls"] + 1))
+    assert [c["seed"] for c in calls] == [cfg["seed_offset"] + k for k in range(cfg["calls"])]
+    assert all(c["hyperparameters"] == cfg and c["init_from"] == "shapes-sd" for c in calls)
     for stage, cfg in ST.CONFIG.items():
-        if stage in ST.OPTIONAL:
-            continue
         entry = META[ST.META_NAME.get(stage, stage)]
-        hp = entry["hyperparameters"]
+        hp = entry["hyperparameters"] if stage != "shapes-unet-ft" else entry["finetune"][-1]["hyperparameters"]
         for key, value in cfg.items():
             if key == "phases":
                 ran = entry["phases"]
@@ -329,12 +332,12 @@ def test_committed_weights_were_trained_with_the_configured_stages():
                 assert hp.get(key) == value, (stage, key, hp.get(key), value)
 
 
-def test_training_stages_expand_in_order_and_optional_ones_only_when_named():
+def test_training_stages_expand_in_order():
     from featinv.zoo.shapes import train as ST
 
     full = ST.expand(["shapes"])
-    assert full[:4] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet"]  # judges, then the prior
-    assert "shapes-unet-ft" not in full and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
+    assert full[:5] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-unet-ft"]
+    assert full == list(ST.STAGES) and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
     assert ST.expand(["shapes-color", "shapes-reader"]) == ["shapes-reader", "shapes-color"]
     with pytest.raises(ValueError, match="unknown shapes stage"):
         ST.expand(["shapes-nope"])
@@ -393,9 +396,10 @@ def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path):
+def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path, monkeypatch):
     """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored
-    model's), trains with shapes-unet's own loss and appends one record per call to meta.json's shapes-sd entry."""
+    model's), trains with shapes-unet's own loss and appends one record per call to meta.json's shapes-sd entry,
+    each call continuing the last with the next data-order seed."""
     import shutil
 
     from featinv.zoo.shapes import sd as S
@@ -407,6 +411,7 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     pipe = S.load_pipeline("shapes-sd")
     before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched=pipe.scheduler)
     assert min(before.values()) > 0
+    monkeypatch.setitem(ST.CONFIG, "shapes-unet-ft", dict(ST.CONFIG["shapes-unet-ft"], calls=1))
     ST.run(["shapes-unet-ft"], tmp_path, seed=0, scale=0.002)
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
     assert meta["steps"] == 1 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
@@ -421,14 +426,16 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     assert any(changed)
     # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
     assert abs(ft["conditioning_probe"]["eps_t500"]["color"] - before["color"]) < 0.1 * before["color"]
-    ST.run(["shapes-unet-ft"], tmp_path, seed=1, scale=0.002)  # a second call continues the first
+    monkeypatch.setitem(ST.CONFIG, "shapes-unet-ft", dict(ST.CONFIG["shapes-unet-ft"], calls=2))
+    ST.run(["shapes-unet-ft"], tmp_path, seed=1, scale=0.002)  # two more calls continue the first
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
-    assert [f["seed"] for f in meta["finetune"]] == [2, 3] and meta["fidelity_before_finetune"] == {"x": 1}
+    assert [(f["call"], f["seed"]) for f in meta["finetune"]] == [(1, 3), (2, 4), (3, 5)]
+    assert meta["fidelity_before_finetune"] == {"x": 1}
     meta["fidelity"] = {"x": 2}  # measured between calls: the next call keeps the fidelity before the first one
     (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": meta}))
-    ST.run(["shapes-unet-ft"], tmp_path, seed=2, scale=0.002)
+    ST.run(["shapes-unet-ft"], tmp_path, seed=3, scale=0.002)
     meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
-    assert len(meta["finetune"]) == 3 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
+    assert len(meta["finetune"]) == 5 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
 
 
 def test_unet_loss_weights_are_min_snr_in_x0_terms_for_either_target():
