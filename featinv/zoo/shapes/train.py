@@ -227,9 +227,10 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
         if stage == "shapes-vae" and vae_start_phase > 1:
             c["start_phase"] = vae_start_phase
         s = seed + c.get("seed_offset", 0)
-        print(f"== {stage} (seed {s}) ==", flush=True)
-        t0, load0 = time.time(), os.getloadavg()[0]
-        for k in range(c.get("calls", 1)):  # shapes-unet-ft: one record per call, each written when it ends
+        calls = c.get("calls", 1)
+        print(f"== {stage} (seed {s}" + (f"..{s + calls - 1}, {calls} calls" if calls > 1 else "") + ") ==", flush=True)
+        t0 = time.time()
+        for k in range(calls):  # shapes-unet-ft: one record per call, each written when it ends
             t1, load1 = time.time(), os.getloadavg()[0]
             if stage in UNET_STAGES:
                 entry = RUNNERS[stage](out, s + k, c, device=device)
