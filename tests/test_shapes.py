@@ -318,6 +318,7 @@ def test_committed_weights_were_trained_with_the_configured_stages():
     assert [c["call"] for c in calls] == list(range(1, cfg["calls"] + 1))
     assert [c["seed"] for c in calls] == [cfg["seed_offset"] + k for k in range(cfg["calls"])]
     assert all(c["hyperparameters"] == cfg and c["init_from"] == "shapes-sd" for c in calls)
+    assert all(c["scheduler"] == META["shapes-sd"]["scheduler"] for c in calls)  # a continuation keeps its schedule
     for stage, cfg in ST.CONFIG.items():
         entry = META[ST.META_NAME.get(stage, stage)]
         hp = entry["hyperparameters"] if stage != "shapes-unet-ft" else entry["finetune"][-1]["hyperparameters"]
@@ -419,6 +420,7 @@ def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(
     ft = meta["finetune"][0]
     assert ft["init_from"] == "shapes-sd" and ft["loss"].startswith("MSE of the v_prediction") and ft["steps"] == 8
     assert "object coverage" not in ft["loss"] and ft["hyperparameters"]["snr_gamma"] is None
+    assert ft["scheduler"]["rescale_betas_zero_snr"] is True and ft["scheduler"]["timestep_spacing"] == "trailing"
     assert set(ft["conditioning_probe"]) == {"eps_t500", "x0_t800"}
     assert set(ft["conditioning_probe"]["x0_t800"]) == {"position", "shape", "color", "size", "background"}
     after = S.load_pipeline(tmp_path / "shapes-sd")

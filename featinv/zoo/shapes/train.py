@@ -42,7 +42,7 @@ CONFIG = {
     # continues the stored shapes-sd with shapes-unet's own loss (plain v-MSE) in `calls` calls, each a warm
     # restart with data-order seed seed + seed_offset + k (k = 0 .. calls - 1); alone (`--what shapes-unet-ft
     # --seed 7`) it continues a copied prior further. Val shape from captions after each call, CFG 1.5:
-    # 0.531 -> 0.539 -> 0.602 -> 0.676 -> 0.719 -> 0.797 -> 0.824 -> 0.836 (docs/design.md#what-does-training-longer).
+    # 0.531 -> 0.539 -> 0.602 -> 0.676 -> 0.719 -> 0.797 -> 0.824 -> 0.836 (docs/design.md, "What does: training longer").
     # The object-weighted loss (object_weight 4, on the first, epsilon prior, 2026-11-24) left the conditioning
     # probe unmoved after 750 steps.
     "shapes-unet-ft": dict(seed_offset=3, calls=7, n=50000, steps=1250, batch=128, lr=5e-4, ema_decay=0.999,

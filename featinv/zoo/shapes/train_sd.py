@@ -273,7 +273,8 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
     info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
-                scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, *(scheduler or {}))},
+                scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, "rescale_betas_zero_snr",
+                                                         "timestep_spacing", *(scheduler or {}))},
                 unet_params=_n(unet), text_params=_n(text), vocab_size=len(tok),
                 seed=seed, steps=steps, batch_size=batch, lr=lr, lr_schedule=f"linear warmup {warmup}, cosine to 5%",
                 optimizer="AdamW (wd 0), grad-norm clip 1", ema_decay=ema_decay, weights="EMA (UNet and text encoder)",
