@@ -43,6 +43,7 @@ from featinv.viz import comparison_grid, save_png  # noqa: E402
 from featinv.zoo.shapes import world as W  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("steps", "skip", "edit_guidance_scale", "edit_threshold", "context")
 CLASSIFIERS = ["unbiased-shape:circle", "unbiased-color:red", "unbiased-size:large", "unbiased-position:top left",
                "biased-shape-bg:circle", "biased-shape-position:star", "biased-shape-color:triangle", "biased-size-bg:small"]
 
@@ -53,8 +54,16 @@ def sd_dir(a) -> Path:
     return Path(a.sd) if Path(a.sd).is_dir() else shapes_sd_dir(a.sd, a.weights)
 
 
+def editor(pipe, images, reader, context=False, **ledits) -> LeditsEditor:
+    """LEDITS++ on ``images``; ``context``: in-context edits, the images captioned by the reader (the stand-in for
+    DiffEx's VLM) and every keyword put into each image's caption (``shapes_oracles.rewrite_caption``)."""
+    if context:
+        ledits.update(captions=SO.read_captions(images, reader), rewrite=SO.rewrite_caption)
+    return LeditsEditor(pipe, images, **ledits)
+
+
 def quality(pipe, images, h, reader, seeds, **ledits) -> tuple[dict, EditScorer]:
-    ed = LeditsEditor(pipe, images, **ledits)
+    ed = editor(pipe, images, reader, **ledits)
     s = EditScorer(ed, lambda x: torch.zeros(len(x)), images, seeds)
     for leaf in h.leaves:
         for sd in s.seeds:
@@ -78,22 +87,27 @@ def validate(a, meta, h, pipe, reader):
                      "per_factor": q["per_factor"]})
         print({k: v for k, v in rows[-1].items() if k != "per_factor"}, flush=True)
 
-    for g, th, sk in itertools.product(a.val_guidance, a.val_threshold, a.val_skip):
-        run(steps=a.val_steps[0], skip=sk, edit_guidance_scale=g, edit_threshold=th)
+    for ctx, g, th, sk in itertools.product(a.val_context, a.val_guidance, a.val_threshold, a.val_skip):
+        run(steps=a.val_steps[0], skip=sk, edit_guidance_scale=g, edit_threshold=th, context=bool(ctx))
     best = pick(rows)
     for st in a.val_steps[1:]:
         run(steps=st, skip=best["skip"], edit_guidance_scale=best["edit_guidance_scale"],
-            edit_threshold=best["edit_threshold"])
+            edit_threshold=best["edit_threshold"], context=best["context"])
     best = pick(rows)
-    chosen = {k: best[k] for k in ("steps", "skip", "edit_guidance_scale", "edit_threshold")}
+    chosen = {k: best[k] for k in KEYS}
     meta.update(phase="val", n=a.n_val, grid=rows, chosen=chosen)
     lines = ["# DiffEx editor (LEDITS++ on zoo:shapes-sd): choice of its hyper-parameters on validation scenes\n",
              f"{a.n_val} val scenes x {len(h.leaves)} keywords, seed 0, scheduler {a.scheduler}; commit "
              f"`{meta['commit']}`; machine: {meta['machine']}; {{wall}}.", f"Command: `{meta['command']}`\n",
              "Criterion (classifier-free): the highest edit success with leakage <= 0.10 (else the highest success - "
-             "leakage); stage 1 guidance x threshold x skip, stage 2 the step count.\n",
-             "| steps | skip | edit guidance | threshold | success | leakage | s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['steps']} | {r['skip']} | {r['edit_guidance_scale']} | {r['edit_threshold']} | {r['success']:.3f} | "
+             "leakage); stage 1 edit mode x guidance x threshold x skip, stage 2 the step count. Edit mode: `keyword` = "
+             "DiffEx's bare keyword prompt; `in context` = each scene captioned by the reader (the stand-in for DiffEx's "
+             "VLM), inverted with its caption and edited toward the caption with the keyword put in (featinv.explain.ledits)."
+             "\n",
+             "| edit mode | steps | skip | edit guidance | threshold | success | leakage | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {'in context' if r.get('context') else 'keyword'} | {r['steps']} | {r['skip']} | "
+              f"{r['edit_guidance_scale']} | {r['edit_threshold']} | {r['success']:.3f} | "
               f"{r['leakage']:.3f} | {r['seconds']} |" for r in rows]
     lines += ["", f"Chosen: {chosen}.", "", "Per factor at the chosen setting (success / leakage): " + ", ".join(
         f"{f} {v['success']:.2f} / {v['leakage']:.2f}" for f, v in best["per_factor"].items())]
@@ -112,15 +126,15 @@ def score_fn(name, a):
 
 def test(a, meta, h, pipe, reader):
     x, rows = W.load_split("single", "test", a.n)
-    chosen = {k: getattr(a, k) for k in ("steps", "skip", "edit_guidance_scale", "edit_threshold")}
-    editor = LeditsEditor(pipe, x, batch=a.batch, **chosen)
+    chosen = {k: getattr(a, k) for k in KEYS}
+    ed = editor(pipe, x, reader, batch=a.batch, **chosen)
     oracle_ed = SO.RendererEditor(rows)
     edits, oedits, out, t0 = {}, {}, [], time.time()
     factor_of = lambda k: SO.keyword_factor(k.rsplit("/", 1)[-1])[0]  # noqa: E731
     results = {}
     for name in a.classifiers:
         score = score_fn(name, a)
-        s = EditScorer(editor, score, x, a.seeds, edited=edits)
+        s = EditScorer(ed, score, x, a.seeds, edited=edits)
         so = EditScorer(oracle_ed, score, x, edited=oedits)
         r = run_diffex(h, s, beam_size=a.beam, top_k=a.top_k, score_all_leaves=True)
         o = run_diffex(h, so, beam_size=a.beam, top_k=a.top_k, score_all_leaves=True)
@@ -138,7 +152,7 @@ def test(a, meta, h, pipe, reader):
     q = edit_quality(s, x, h.leaves, reader, SO.keyword_factor)
     meta.update(phase="test", n=a.n, seeds=a.seeds, ledits={**chosen, "scheduler": a.scheduler}, beam_size=a.beam,
                 top_k=a.top_k, used_threshold=a.used_threshold, rows=out, edit_quality=q,
-                edits=editor.edits, inversions=editor.inversions, edit_seconds=round(time.time() - t0, 1))
+                edits=ed.edits, inversions=ed.inversions, edit_seconds=round(time.time() - t0, 1))
     figures(a, results, x, s, h)
     return report(meta)
 
@@ -220,6 +234,9 @@ def main():
     ap.add_argument("--val-threshold", type=float, nargs="+", default=[0.6, 0.75, 0.9])
     ap.add_argument("--val-skip", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--val-steps", type=int, nargs="+", default=[20, 10, 30])
+    ap.add_argument("--context", type=int, choices=[0, 1], default=None,
+                    help="1: in-context edits (default: chosen on val)")
+    ap.add_argument("--val-context", type=int, nargs="+", choices=[0, 1], default=[0, 1])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="1: the tiny models run fastest on one thread")
     ap.add_argument("--out", default="benchmarks/results/diffex")
@@ -235,8 +252,9 @@ def main():
         md = validate(a, meta, h, pipe, reader)
     else:
         chosen = json.load(open(a.out + "_val.json"))["chosen"] if Path(a.out + "_val.json").exists() else {}
-        keys = ("steps", "skip", "edit_guidance_scale", "edit_threshold")
+        keys = KEYS
         given = [k for k in keys if getattr(a, k) is not None]
+        chosen.setdefault("context", False)  # val files written before the option chose bare keywords
         for k in set(keys) - set(given):
             if k not in chosen:
                 ap.error(f"--{k.replace('_', '-')} not given and no {a.out}_val.json: run --phase val first")
@@ -244,7 +262,7 @@ def main():
         val = f"{Path(a.out).name}_val.md"
         meta["ledits_source"] = ", ".join(([f"{' '.join(given)} from the command line"] if given else [])
                                           + ([f"{'the rest ' if given else ''}chosen on val ({val})"] if len(given) < len(keys) else []))
-        a.steps = int(a.steps)
+        a.steps, a.context = int(a.steps), bool(a.context)
         md = test(a, meta, h, pipe, reader)
     meta["wall_minutes"] = round((time.time() - t0) / 60, 1)
     meta["cpu_minutes"] = round((time.process_time() - c0) / 60, 1)  # the 2 cores were shared: CPU time says more

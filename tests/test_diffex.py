@@ -263,3 +263,57 @@ def test_diffex_module_ledits_records_and_resume(tmp_path, tiny_sd_dir):
     m2 = run()  # resume: both classifiers' records are there; nothing is inverted or edited
     assert m2.editor.inversions == 0 and m2.editor.edits == 0
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_ledits_in_context_edits_use_each_caption_as_source_and_base(tiny_sd_dir):
+    """In-context edits: the inversion runs the UNet on the image's caption only (eps(caption), the base the
+    edit then uses; the library's invert() would also run it on "" and guide the caption the wrong way round),
+    the edit's base is the caption, and each image's edit prompt is its own caption with the keyword put in."""
+    from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
+
+    pipe = load_ledits_pipeline(tiny_sd_dir)
+    x, rows = W.load_split("single", "val", 2)
+    caps, seen, calls = W.captions(rows), [], []
+
+    def rewrite(prompt, caption):
+        seen.append((prompt, caption))
+        return SO.rewrite_caption(prompt, caption)
+
+    def embed(texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda *a, **k: calls.append(k["encoder_hidden_states"].detach().clone()) or forward(*a, **k)
+    kw = dict(steps=4, skip=0.25, edit_guidance_scale=8.0, edit_threshold=0.0)
+    ctx = LeditsEditor(pipe, x, captions=caps, rewrite=rewrite, **kw)
+    with torch.no_grad():
+        ctx._restore(0, 1)  # invert image 1 alone
+        assert calls and all(torch.equal(c, embed([caps[1]])) for c in calls)
+        calls.clear()
+        e = ctx.edit("a star", seed=0)
+        assert seen == [("a star", caps[0]), ("a star", caps[1])] and ctx.config()["context"] is True
+        star = [SO.rewrite_caption("a star", c) for c in caps]
+        assert all(torch.equal(c, torch.cat([embed([caps[1]]), embed([star[1]])])) for c in calls[-3:])
+    pipe.unet.forward = forward
+    plain = LeditsEditor(pipe, x, **kw)
+    assert not torch.allclose(e, plain.edit("a star", seed=0), atol=1e-3)  # the base and the prompt differ
+    with pytest.raises(ValueError, match="both captions and rewrite"):
+        LeditsEditor(pipe, x, captions=caps)
+
+
+def test_captions_parse_back_and_keywords_go_into_them():
+    rows = W.sample_rows(200, 3)
+    for c, r in zip(W.captions(rows), rows):
+        p = SO.parse_caption(c)
+        assert all(p[f] == r[f] for f in W.FACTORS)
+    cap = "a small red circle at the top left on a gray background"
+    assert SO.rewrite_caption("a star", cap) == "a small red star at the top left on a gray background"
+    assert SO.rewrite_caption("a shape in the center", cap) == "a small red circle in the center on a gray background"
+    assert SO.rewrite_caption("a shape on a dark blue background", cap).endswith("on a dark blue background")
+    assert SO.rewrite_caption("a large shape", cap).startswith("a large red circle")
+    with pytest.raises(ValueError):
+        SO.parse_caption("a red circle")
+    with pytest.raises(KeyError):
+        SO.rewrite_caption("a red circle", cap)

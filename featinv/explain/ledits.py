@@ -12,13 +12,22 @@ one fix: its attention store mixes the images of a batch (``_batched_store_call`
 batch-correct here (tested: the store's maps equal the one-image maps exactly, and a batched edit equals
 the one-image edits at edit_threshold 0, where no quantile mask can flip on a last-bit difference).
 
+In-context edits (``captions``, featinv's option; DiffEx edits with the bare keyword prompt): each image is
+inverted with its own caption as the source prompt and edited toward that caption with the keyword put in
+(``rewrite``), with the caption as the base of the edit guidance, so the guidance direction
+eps(edited caption) - eps(caption) names only the change. The library's ``invert`` guides the source prompt
+the wrong way round (``encode_prompt`` returns (edit, negative) and ``invert`` unpacks them as (negative,
+edit), so a source prompt is followed with scale 1 - s); here the inversion uses eps(caption) itself, the
+exact base the edit then uses, so an empty edit reconstructs. Captions differ in length per image, and the
+pipeline's cross-attention mask takes one token count per concept, so these edits run one image at a time.
+
 Seeds: DiffEx averages a keyword's effect over ``n_samples`` seeded edits; with LEDITS++ the
 randomness is the inversion noise, drawn here per image from ``target_seed(seed, "diffex", id)``
 so an image's edit never depends on its batch companions.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -55,6 +64,12 @@ def _pipeline_class():
 
     class BatchedLEditsPP(LEditsPPPipelineStableDiffusion):
         """diffusers' LEDITS++ pipeline with a batch-correct attention store (``_batched_store_call``)."""
+
+        def encode_prompt(self, *args, **kwargs):
+            emb, neg, n_tokens = super().encode_prompt(*args, **kwargs)
+            if getattr(self, "_invert_with_source", False) and emb is not None:
+                return emb, emb, n_tokens  # invert(): guide nothing, use eps(source prompt) itself
+            return emb, neg, n_tokens
 
         def prepare_unet(self, attention_store, PnP: bool = False):
             if type(attention_store) is LeditsAttentionStore:
@@ -99,20 +114,30 @@ class LeditsEditor:
         steps: inversion (= editing) steps; ``skip``: share of initial steps skipped (lower = stronger edits);
         edit_guidance_scale, edit_threshold: LEDITS++ s_e and lambda (the paper's 10 and 0.75 for SD-1.5);
         batch: images per inversion / edit call.
+        captions, rewrite: in-context edits (see the module docstring): ``captions[i]`` describes image i
+            (e.g. from a captioner) and ``rewrite(prompt, caption)`` puts an editing prompt's keyword into
+            a caption; both or neither. In-context edits run one image per call.
     """
 
     exact = False
 
     def __init__(self, pipe, images: torch.Tensor, ids: Sequence[int] | None = None, *, steps: int = 20,
                  skip: float = 0.1, edit_guidance_scale: float = 10.0, edit_threshold: float = 0.75,
-                 batch: int = 64):
+                 batch: int = 64, captions: Sequence[str] | None = None,
+                 rewrite: Callable[[str, str], str] | None = None):
+        if (captions is None) != (rewrite is None):
+            raise ValueError("in-context edits need both captions and rewrite (or neither)")
+        if captions is not None and len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images")
         if not 0 <= skip < 1:
             raise ValueError(f"skip must be in [0, 1), got {skip}")
         self.pipe, self.images = pipe, images.detach().float().cpu().clamp(0, 1)
         self.ids = list(range(len(images))) if ids is None else [int(i) for i in ids]
         if len(self.ids) != len(self.images):
             raise ValueError(f"{len(self.ids)} ids for {len(self.images)} images")
-        self.steps, self.skip, self.batch = int(steps), float(skip), int(batch)
+        self.captions, self.rewrite = (None, None) if captions is None else (list(captions), rewrite)
+        self.steps, self.skip = int(steps), float(skip)
+        self.batch = 1 if captions is not None else int(batch)
         self.edit_guidance_scale, self.edit_threshold = float(edit_guidance_scale), float(edit_threshold)
         self._inversions: dict[tuple[int, int], dict] = {}
         self.inversions = self.edits = 0
@@ -120,15 +145,20 @@ class LeditsEditor:
     def config(self) -> dict:
         return {"editor": "ledits++", "scheduler": type(self.pipe.scheduler).__name__, "steps": self.steps,
                 "skip": self.skip, "edit_guidance_scale": self.edit_guidance_scale,
-                "edit_threshold": self.edit_threshold}
+                "edit_threshold": self.edit_threshold, "context": self.captions is not None}
 
     def _restore(self, seed: int, start: int) -> None:
         key = (int(seed), start)
         if key not in self._inversions:
             chunk = self.images[start:start + self.batch]
             gens = make_generators([target_seed(seed, "diffex", i) for i in self.ids[start:start + len(chunk)]])
-            self.pipe.invert(image=chunk, num_inversion_steps=self.steps, skip=self.skip, generator=gens,
-                             source_prompt="")
+            source = "" if self.captions is None else self.captions[start]
+            self.pipe._invert_with_source = bool(source)
+            try:
+                self.pipe.invert(image=chunk, num_inversion_steps=self.steps, skip=self.skip, generator=gens,
+                                 source_prompt=source)
+            finally:
+                self.pipe._invert_with_source = False
             self._inversions[key] = {k: getattr(self.pipe, k) for k in _STATE}
             self.inversions += 1
         for k, v in self._inversions[key].items():
@@ -142,7 +172,11 @@ class LeditsEditor:
         out = []
         for start in range(0, len(self.images), self.batch):
             self._restore(seed, start)
-            res = self.pipe(editing_prompt=prompts, edit_guidance_scale=self.edit_guidance_scale,
+            base, edit = None, prompts
+            if self.captions is not None:
+                base = self.captions[start]
+                edit = [self.rewrite(p, base) for p in prompts]
+            res = self.pipe(editing_prompt=edit, negative_prompt=base, edit_guidance_scale=self.edit_guidance_scale,
                             edit_threshold=self.edit_threshold, output_type="pt", return_dict=True)
             out.append(res.images.float().cpu().clamp(0, 1))
         self.edits += 1
@@ -154,5 +188,7 @@ class LeditsEditor:
         out = []
         for start in range(0, len(self.images), self.batch):
             self._restore(seed, start)
-            out.append(self.pipe(editing_prompt=None, output_type="pt").images.float().cpu().clamp(0, 1))
+            base = None if self.captions is None else self.captions[start]
+            out.append(self.pipe(editing_prompt=None, negative_prompt=base, output_type="pt").images.float().cpu()
+                       .clamp(0, 1))
         return torch.cat(out)

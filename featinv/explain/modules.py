@@ -231,7 +231,8 @@ class DiffExModule(_Explainer):
         split, n_images: the scenes edited (``world.load_split("single", ...)``); ``seeds``: the seeded edits
             averaged per keyword; ``beam_size``, ``top_k``: the beam search.
         steps, skip, edit_guidance_scale, edit_threshold, scheduler: LEDITS++ (chosen on the val split,
-            benchmarks/diffex.py).
+            benchmarks/diffex.py); ``context``: in-context edits (the scenes captioned by the reader, each keyword
+            put into the caption; ``featinv.explain.ledits``).
         score_all_leaves: also score keywords outside the beam (needed for the oracle Spearman).
         used_threshold: oracle |Delta| above which a factor counts as used by the classifier.
         methods: ``diffex`` (LEDITS++) and ``oracle`` (renderer edits).
@@ -243,7 +244,8 @@ class DiffExModule(_Explainer):
     def __init__(self, sd: str = "shapes-sd", hierarchy: str = "configs/explain/hierarchy_shapes.yaml",
                  split: str = "test", n_images: int = 24, seeds: list[int] | None = None, beam_size: int = 3,
                  top_k: int = 5, steps: int = 20, skip: float = 0.1, edit_guidance_scale: float = 10.0,
-                 edit_threshold: float = 0.75, scheduler: str = "dpmsolver++", score_all_leaves: bool = True,
+                 edit_threshold: float = 0.75, context: bool = False, scheduler: str = "dpmsolver++",
+                 score_all_leaves: bool = True,
                  used_threshold: float = 0.05, methods: list[str] | None = None, seed: int = 0, batch: int = 64,
                  examples: int = 6, classifiers: dict | None = None, editor=None):
         super().__init__(classifiers)
@@ -261,6 +263,7 @@ class DiffExModule(_Explainer):
         self.search = dict(beam_size=beam_size, top_k=top_k, score_all_leaves=score_all_leaves)
         self.ledits = dict(steps=steps, skip=skip, edit_guidance_scale=edit_guidance_scale,
                            edit_threshold=edit_threshold)
+        self.context = bool(context)
         self.sd, self.scheduler, self.used_threshold = sd, scheduler, float(used_threshold)
         self.editor, self.oracle = editor, SO.RendererEditor(self.rows)
         self.reader = SO.factor_reader()
@@ -281,7 +284,8 @@ class DiffExModule(_Explainer):
                                                                                      self.hierarchy.leaves], **ed}
 
     def method_configs(self) -> dict[str, dict]:
-        return {"diffex": {**self.search, **self.ledits, "scheduler": self.scheduler, "seeds": self.seeds},
+        return {"diffex": {**self.search, **self.ledits, "context": self.context, "scheduler": self.scheduler,
+                           "seeds": self.seeds},
                 "oracle": {**self.search, "editor": "world.edit+render"}}
 
     def on_predict_start(self) -> None:
@@ -290,7 +294,9 @@ class DiffExModule(_Explainer):
             from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
 
             pipe = load_ledits_pipeline(self._sd_dir(), scheduler=self.scheduler)
-            self.editor = LeditsEditor(pipe, self.images, batch=self.batch, **self.ledits)
+            ctx = dict(captions=SO.read_captions(self.images, self.reader), rewrite=SO.rewrite_caption) \
+                if self.context else {}
+            self.editor = LeditsEditor(pipe, self.images, batch=self.batch, **self.ledits, **ctx)
 
     def _score_fn(self, name: str):
         from featinv.zoo.shapes import targets

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from featinv.zoo.shapes import world as W
 __all__ = ["multi_caption", "RendererOracle", "FACTORS", "factor_table", "single_caption", "FactorOracle",
            "factor_detector", "presence_detector", "factor_reader", "target_classifier",
            "target_labels", "target_truth", "concept_masks", "RendererEditor", "keyword_factor", "target_meta",
-           "CONCEPTS", "TARGET_LAYER"]
+           "CONCEPTS", "TARGET_LAYER", "parse_caption", "rewrite_caption", "read_captions"]
 
 CONCEPTS = list(W.CONCEPTS)
 FACTORS = list(W.FACTORS)  # the captioned factors of single-object scenes: DEPICT's categorical columns
@@ -161,6 +162,57 @@ class RendererEditor:
     def edit(self, leaf: str, seed: int = 0) -> torch.Tensor:
         factor, value = keyword_factor(leaf)
         return W.render(W.edit(self.rows, factor, value))
+
+
+@functools.lru_cache(maxsize=1)
+def _partial_captions() -> dict[str, tuple[str, int]]:
+    """Every one-factor partial caption of the grammar ("a star", "a red shape", "a shape in the center", ...)
+    -> (factor, value index): the phrasings of configs/explain/hierarchy_shapes.yaml."""
+    row = W.sample_rows(1, 0)[0]
+    out = {}
+    for f, vals in W.FACTORS.items():
+        for k in range(len(vals)):
+            out[W.caption(W.edit(row[None], f, k)[0], keep=[f])] = (f, k)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _caption_pattern() -> "re.Pattern[str]":
+    alt = {f: "|".join(re.escape(v) for v in sorted(vals, key=len, reverse=True)) for f, vals in W.FACTORS.items()}
+    return re.compile(rf"a (?P<size>{alt['size']}) (?P<color>{alt['color']}) (?P<shape>{alt['shape']}) "
+                      rf"(?:at the (?P<position>{alt['position']})|in the (?P<center>center)) "
+                      rf"on a (?P<background>{alt['background']}) background")
+
+
+def parse_caption(text: str) -> np.ndarray:
+    """A full single-object caption of the grammar -> a row with those factors (nuisances zero); the inverse
+    of ``world.caption``."""
+    m = _caption_pattern().fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a full caption of the shapes grammar: {text!r}")
+    row = np.zeros((), W.SINGLE_DTYPE)
+    for f, vals in W.FACTORS.items():
+        row[f] = vals.index(m["center"] if f == "position" and m["center"] else m[f])
+    return row
+
+
+def rewrite_caption(prompt: str, caption: str) -> str:
+    """In-context DiffEx edit (``LeditsEditor(captions=..., rewrite=...)``): ``caption`` with the factor value
+    that the partial-caption ``prompt`` names put in ("a star", "a small red circle at the top left on a gray
+    background" -> "a small red star at the top left on a gray background")."""
+    hit = _partial_captions().get(prompt)
+    if hit is None:
+        raise KeyError(f"{prompt!r} is not a one-factor partial caption of the shapes grammar")
+    return W.caption(W.edit(parse_caption(caption)[None], *hit)[0])
+
+
+def read_captions(images: torch.Tensor, reader: nn.Module) -> list[str]:
+    """Full captions of single-object images as ``reader`` reads them (the stand-in for DiffEx's VLM)."""
+    values = reader(images)
+    rows = np.zeros(len(images), W.SINGLE_DTYPE)
+    for f in W.FACTORS:
+        rows[f] = values[f].cpu().numpy()
+    return W.captions(rows)
 
 
 class _Reader(nn.Module):
