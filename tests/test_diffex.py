@@ -317,3 +317,16 @@ def test_captions_parse_back_and_keywords_go_into_them():
         SO.parse_caption("a red circle")
     with pytest.raises(KeyError):
         SO.rewrite_caption("a red circle", cap)
+
+
+def test_ledits_cross_attention_masks_sum_over_the_padded_prompt(tiny_sd_dir):
+    """What featinv.explain.ledits documents and keeps: the pipeline's per-concept token count is the padded
+    length, so LEDITS++'s cross-attention masks sum over every token position whatever the prompt's length. If a
+    diffusers / transformers upgrade changes this, the masks (and the chosen hyper-parameters) change."""
+    from featinv.explain.ledits import load_ledits_pipeline
+
+    pipe = load_ledits_pipeline(tiny_sd_dir)
+    pipe.batch_size = 3
+    _, _, counts = pipe.encode_prompt(device="cpu", num_images_per_prompt=1, enable_edit_guidance=True,
+                                      editing_prompt=["a star", "a shape on a dark blue background"])
+    assert counts.tolist() == [pipe.tokenizer.model_max_length - 2] * 6

@@ -8,7 +8,7 @@ intersection of a cross-attention mask and a noise-estimate mask (``edit_thresho
 quantile, Eq. 12). The pipeline keeps only the *last* inversion; this wrapper stores each seed's
 inversion state (initial latents, noise maps, timesteps) and restores it before an edit, so one
 inversion serves every keyword (DiffEx steps 4-5). Everything else is the library's pipeline, except
-one fix: its attention store mixes the images of a batch (``_batched_store_call``), so edits are made
+two fixes: its attention store mixes the images of a batch (``_batched_store_call``), so edits are made
 batch-correct here (tested: the store's maps equal the one-image maps exactly, and a batched edit equals
 the one-image edits at edit_threshold 0, where no quantile mask can flip on a last-bit difference).
 
@@ -18,8 +18,12 @@ inverted with its own caption as the source prompt and edited toward that captio
 eps(edited caption) - eps(caption) names only the change. The library's ``invert`` guides the source prompt
 the wrong way round (``encode_prompt`` returns (edit, negative) and ``invert`` unpacks them as (negative,
 edit), so a source prompt is followed with scale 1 - s); here the inversion uses eps(caption) itself, the
-exact base the edit then uses, so an empty edit reconstructs. Captions differ in length per image, and the
-pipeline's cross-attention mask takes one token count per concept, so these edits run one image at a time.
+base the edit then uses. The pipeline encodes one prompt per concept for the whole batch, so these edits run
+one image at a time.
+
+Not changed: the pipeline's token count for a concept's cross-attention mask is the tokenizer's ``length``,
+which with ``padding="max_length"`` is the padded length (transformers 5), so the mask sums the attention
+over every token position, padding included, for every prompt (tested).
 
 Seeds: DiffEx averages a keyword's effect over ``n_samples`` seeded edits; with LEDITS++ the
 randomness is the inversion noise, drawn here per image from ``target_seed(seed, "diffex", id)``
