@@ -234,12 +234,12 @@ def test_diffex_module_ledits_records_and_resume(tmp_path, tiny_sd_dir):
     hier.write_text("categories:\n  color:\n    template: 'a {} shape'\n    items: {warm: [red], cool: [blue]}\n"
                     "  size:\n    template: 'a {} shape'\n    items: {small: [small]}\n")
 
-    def run():
+    def run(out="out", **kw):
         m = DiffExModule(sd=str(tiny_sd_dir), hierarchy=str(hier), split="val", n_images=3, seeds=[0], beam_size=2,
-                         top_k=2, steps=3, skip=0.25, classifiers={"colour": ColourProbe()}, examples=3)
+                         top_k=2, steps=3, skip=0.25, classifiers={"colour": ColourProbe()}, examples=3, **kw)
         trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                            callbacks=[PredictionWriter(tmp_path / "out"), RunLogger()])
+                            callbacks=[PredictionWriter(tmp_path / out), RunLogger()])
         dm = TargetDataModule([ClassifierTargets(["colour:0", "colour:4"], name="probe")], batch_size=1)
         trainer.predict(m, datamodule=dm, return_predictions=False)
         return m
@@ -263,6 +263,9 @@ def test_diffex_module_ledits_records_and_resume(tmp_path, tiny_sd_dir):
     m2 = run()  # resume: both classifiers' records are there; nothing is inverted or edited
     assert m2.editor.inversions == 0 and m2.editor.edits == 0
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
+    m3 = run("ctx", context=True)  # in-context edits: the scenes captioned by the reader, one inversion per scene
+    assert m3.editor.captions == W.captions(m3.rows) and m3.editor.inversions == 3
+    assert m3.method_configs()["diffex"]["context"] is True
 
 
 def test_ledits_in_context_edits_use_each_caption_as_source_and_base(tiny_sd_dir):
