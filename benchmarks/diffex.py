@@ -1,12 +1,14 @@
 """DiffEx on the shapes world with LEDITS++ on the mini SD, scored against the renderer's exact edits (issue 14).
 
-    python benchmarks/diffex.py --phase val      # choose LEDITS++ guidance, threshold, skip, steps on val scenes
+    python benchmarks/diffex.py --phase val      # choose the edit mode, LEDITS++ guidance, threshold, skip, steps
     python benchmarks/diffex.py                  # test: 8 single-object classifiers, 24 scenes x 2 seeds
 
 Validation: every hierarchy keyword edited on the first ``n_val`` val scenes (seed 0) for each LEDITS++
-setting; edit success (the reader sees the requested value) and leakage (the reader sees another factor
-change) -- classifier-free, so nothing about the explained classifiers is tuned. Chosen: the highest
-success with leakage <= 0.10 (else the highest success - leakage). Stage 1 grids guidance x threshold x
+setting and edit mode (``--val-context``: 0 = DiffEx's bare keyword prompt, 1 = in-context edits, the
+scenes captioned by the reader and each keyword put into the caption; featinv.explain.ledits); edit
+success (the reader sees the requested value) and leakage (the reader sees another factor change) --
+classifier-free, so nothing about the explained classifiers is tuned. Chosen: the highest success with
+leakage <= 0.10 (else the highest success - leakage). Stage 1 grids edit mode x guidance x threshold x
 skip at ``--val-steps[0]``; stage 2 the step counts at the stage-1 choice.
 
 Test: on the first ``n`` test scenes, for each classifier and target class: DiffEx (beam search over

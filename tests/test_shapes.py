@@ -194,6 +194,27 @@ def test_stable_diffusion_pipeline_generates_and_tokenizer_is_the_grammars():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_generate_with_eta_stays_finite_at_zero_terminal_snr():
+    """DDIM with eta = 1 on the zero-terminal-SNR prior: the library's first step takes the root of a rounding
+    negative (NaN latents, black images); ``sd.ddim_scheduler`` clamps the variance to its exact bound. The
+    stochastic samples must draw what the captions ask (colour, background) like the deterministic ones."""
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes.reader import load_reader, read_factors
+
+    pipe = S.load_pipeline("shapes-sd")
+    _, rows = W.load_split("single", "val", 8)
+    x = S.generate(pipe, W.captions(rows), seeds=range(8), cfg_scale=2.0, steps=25, eta=1.0)
+    assert torch.isfinite(x).all()
+    got = read_factors(x, load_reader())[0]
+    for f in ("color", "background"):
+        assert (got[f].numpy() == rows[f]).mean() >= 0.75, f
+    sched = S.ddim_scheduler(pipe.scheduler.config)
+    sched.set_timesteps(25)
+    t, prev = sched.timesteps[0], sched.timesteps[0] - 40
+    assert float(sched.alphas_cumprod[t]) < 1e-6  # the first step is at (near) zero SNR
+    assert 1 - sched.alphas_cumprod[prev] - sched._get_variance(t, prev) > 0
+
+
 def test_generate_draws_noise_of_the_unets_latent_shape(tmp_path):
     """``sd.generate`` with a 16x16-latent folder (a VAE that halves 32 px): the noise must be 4x16x16, not the
     8x8 of the committed folders, or the images come out 16 px."""

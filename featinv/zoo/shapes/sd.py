@@ -104,14 +104,29 @@ def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tenso
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
+def ddim_scheduler(config):
+    """diffusers' ``DDIMScheduler`` whose eta > 0 steps stay finite at zero terminal SNR.
+
+    DDIM's sigma_t^2 = eta^2 (1 - a_prev)/(1 - a_t) (1 - a_t / a_prev) equals 1 - a_prev when a_t = 0 (the first
+    step of a zero-terminal-SNR schedule) and eta = 1; the library then takes (1 - a_prev - sigma_t^2)^0.5 after a
+    square root and a square, and float rounding makes it the root of a negative number: NaN latents, black
+    images. The variance is clamped just below 1 - a_prev, its exact bound."""
+    from diffusers import DDIMScheduler
+
+    class _DDIM(DDIMScheduler):
+        def _get_variance(self, timestep, prev_timestep):
+            a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+            return torch.minimum(super()._get_variance(timestep, prev_timestep), (1 - a_prev) * (1 - 1e-5))
+
+    return _DDIM.from_config(config, clip_sample=False, set_alpha_to_one=False)
+
+
 @torch.no_grad()
 def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps: int = 25, batch: int = 64,
              eta: float = 0.0, negative: str = "") -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1] from captions with DDIM + classifier-free guidance; one
     generator per image (``seeds``), so an image never depends on its batch companions' captions."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    sched = ddim_scheduler(pipe.scheduler.config)
     sched.set_timesteps(steps)
     unet, vae = pipe.unet, pipe.vae
     scale = vae.config.scaling_factor
@@ -136,6 +151,8 @@ def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps:
                 z = sched.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
             else:
                 z = sched.step(eps, t, z, eta=0.0).prev_sample
+        if not torch.isfinite(z).all():
+            raise FloatingPointError(f"generate: non-finite latents (eta={eta}, steps={steps}, cfg={cfg_scale})")
         out.append((vae.decode(z / scale).sample / 2 + 0.5).clamp(0, 1))
     return torch.cat(out)
 
