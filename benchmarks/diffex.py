@@ -256,14 +256,19 @@ def main():
         chosen = json.load(open(a.out + "_val.json"))["chosen"] if Path(a.out + "_val.json").exists() else {}
         keys = KEYS
         given = [k for k in keys if getattr(a, k) is not None]
-        chosen.setdefault("context", False)  # val files written before the option chose bare keywords
-        for k in set(keys) - set(given):
+        default = "context" not in given and "context" not in chosen  # no val choice of it: DiffEx's bare keywords
+        if default:
+            a.context = 0
+        for k in set(keys) - set(given) - ({"context"} if default else set()):
             if k not in chosen:
                 ap.error(f"--{k.replace('_', '-')} not given and no {a.out}_val.json: run --phase val first")
             setattr(a, k, chosen[k])
         val = f"{Path(a.out).name}_val.md"
+        n_val = len(keys) - len(given) - int(default)
         meta["ledits_source"] = ", ".join(([f"{' '.join(given)} from the command line"] if given else [])
-                                          + ([f"{'the rest ' if given else ''}chosen on val ({val})"] if len(given) < len(keys) else []))
+                                          + (["context by default (bare keyword prompts)"] if default else [])
+                                          + ([f"{'the rest ' if given or default else ''}chosen on val ({val})"]
+                                             if n_val else []))
         a.steps, a.context = int(a.steps), bool(a.context)
         md = test(a, meta, h, pipe, reader)
     meta["wall_minutes"] = round((time.time() - t0) / 60, 1)

@@ -1,7 +1,7 @@
 """EDDP benchmark: recovering encoding-decoding direction pairs with known ground truth.
 
     python benchmarks/eddp.py --part synthetic-val [--val-worlds 100 ... 119] [--lambda-grid 0.02 0.05 0.1 0.25]
-    python benchmarks/eddp.py --part synthetic --seeds 0 1 2 3 4 [--val-seed 100] [--threads 1]
+    python benchmarks/eddp.py --part synthetic --seeds 0 1 2 3 4 [--val-seed 100] [--threads 1] [--lambda L]
                               [--schedule fast] [--paper-schedule-seeds 0]
     python benchmarks/eddp.py --part shapes [--classifiers zoo:shapes-shape zoo:shapes-color] [--weights DIR]
                               [--directions 8 16] [--am-samples 4] [--threads 1]
@@ -168,7 +168,8 @@ def validate_lambda(args, log) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eddp_synthetic_val.md").write_text("\n".join(L))
     with open(args.out / "eddp_synthetic_val.json", "w") as f:
-        json.dump({"commit": commit(), "command": args.command, "rows": rows, "summary": summary, "chosen": chosen},
+        json.dump({"commit": commit(), "command": args.command, "schedule": args.schedule, "rows": rows,
+                   "summary": summary, "chosen": chosen},
                   f, indent=1, allow_nan=False)
     log(f"wrote {args.out / 'eddp_synthetic_val.md'}: lambda = {chosen}")
 
@@ -370,8 +371,9 @@ def main():
         return validate_lambda(args, log)
     val_file = args.out / "eddp_synthetic_val.json"
     args.lambda_source = "from the command line" if args.lam is not None else "the schedule's"
-    if args.lam is None and val_file.exists():
-        args.lam = float(json.load(open(val_file))["chosen"])
+    val = json.load(open(val_file)) if args.lam is None and val_file.exists() else {}
+    if val.get("schedule", "fast") == args.schedule and "chosen" in val:  # a choice is for its own schedule
+        args.lam = float(val["chosen"])
         args.lambda_source = "chosen on validation worlds (eddp_synthetic_val.md)"
     quantiles = choose_on_validation(args.val_seed, log)
     log(f"quantiles {quantiles}; SAE {SAE}")

@@ -72,7 +72,9 @@ def _pipeline_class():
         def encode_prompt(self, *args, **kwargs):
             emb, neg, n_tokens = super().encode_prompt(*args, **kwargs)
             if getattr(self, "_invert_with_source", False) and emb is not None:
-                return emb, emb, n_tokens  # invert(): guide nothing, use eps(source prompt) itself
+                # invert(): guide nothing, use eps(source prompt) itself (the library still runs the UNet twice a
+                # step on the same input at source_guidance_scale 3.5; a scale <= 1 would crash it)
+                return emb, emb, n_tokens
             return emb, neg, n_tokens
 
         def prepare_unet(self, attention_store, PnP: bool = False):

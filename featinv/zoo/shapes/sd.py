@@ -105,12 +105,13 @@ def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tenso
 
 
 def ddim_scheduler(config):
-    """diffusers' ``DDIMScheduler`` whose eta > 0 steps stay finite at zero terminal SNR.
+    """diffusers' ``DDIMScheduler`` whose steps stay finite at zero terminal SNR for any eta <= 1.
 
     DDIM's sigma_t^2 = eta^2 (1 - a_prev)/(1 - a_t) (1 - a_t / a_prev) equals 1 - a_prev when a_t = 0 (the first
     step of a zero-terminal-SNR schedule) and eta = 1; the library then takes (1 - a_prev - sigma_t^2)^0.5 after a
     square root and a square, and float rounding makes it the root of a negative number: NaN latents, black
-    images. The variance is clamped just below 1 - a_prev, its exact bound."""
+    images (eta 0.5 or 0.9 stay finite). The variance is clamped just below 1 - a_prev, its exact bound, which
+    keeps every eta <= 1 finite."""
     from diffusers import DDIMScheduler
 
     class _DDIM(DDIMScheduler):
