@@ -266,6 +266,11 @@ def test_diffex_module_ledits_records_and_resume(tmp_path, tiny_sd_dir):
     m3 = run("ctx", context=True)  # in-context edits: the scenes captioned by the reader, one inversion per scene
     assert m3.editor.captions == W.captions(m3.rows) and m3.editor.inversions == 3
     assert m3.method_configs()["diffex"]["context"] is True
+    odd = tmp_path / "odd.yaml"  # prompts outside the grammar cannot go into a caption: refused at construction
+    odd.write_text("categories:\n  color:\n    template: 'the {} thing'\n    items: {warm: [red]}\n")
+    with pytest.raises(ValueError, match="context=False"):
+        DiffExModule(sd=str(tiny_sd_dir), hierarchy=str(odd), split="val", n_images=3, context=True,
+                     classifiers={"colour": ColourProbe()})
 
 
 def test_ledits_in_context_edits_use_each_caption_as_source_and_base(tiny_sd_dir):

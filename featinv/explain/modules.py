@@ -264,6 +264,11 @@ class DiffExModule(_Explainer):
         self.ledits = dict(steps=steps, skip=skip, edit_guidance_scale=edit_guidance_scale,
                            edit_threshold=edit_threshold)
         self.context = bool(context)
+        if self.context:  # every prompt must go into a caption, or the run would stop at its first edit
+            bad = sorted({p for n in self.hierarchy.leaves for p in n.prompts} - set(SO.partial_captions()))
+            if bad:
+                raise ValueError(f"DiffExModule(context=True) puts each prompt into a scene's caption, and "
+                                 f"{bad[:3]} are not one-factor phrases of the shapes grammar; use context=False")
         self.sd, self.scheduler, self.used_threshold = sd, scheduler, float(used_threshold)
         self.editor, self.oracle = editor, SO.RendererEditor(self.rows)
         self.reader = SO.factor_reader()

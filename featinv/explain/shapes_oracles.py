@@ -27,7 +27,7 @@ from featinv.zoo.shapes import world as W
 __all__ = ["multi_caption", "RendererOracle", "FACTORS", "factor_table", "single_caption", "FactorOracle",
            "factor_detector", "presence_detector", "factor_reader", "target_classifier",
            "target_labels", "target_truth", "concept_masks", "RendererEditor", "keyword_factor", "target_meta",
-           "CONCEPTS", "TARGET_LAYER", "parse_caption", "rewrite_caption", "read_captions"]
+           "CONCEPTS", "TARGET_LAYER", "parse_caption", "rewrite_caption", "read_captions", "partial_captions"]
 
 CONCEPTS = list(W.CONCEPTS)
 FACTORS = list(W.FACTORS)  # the captioned factors of single-object scenes: DEPICT's categorical columns
@@ -165,7 +165,7 @@ class RendererEditor:
 
 
 @functools.lru_cache(maxsize=1)
-def _partial_captions() -> dict[str, tuple[str, int]]:
+def partial_captions() -> dict[str, tuple[str, int]]:
     """Every one-factor partial caption of the grammar ("a star", "a red shape", "a shape in the center", ...)
     -> (factor, value index): the phrasings of configs/explain/hierarchy_shapes.yaml."""
     row = W.sample_rows(1, 0)[0]
@@ -200,7 +200,7 @@ def rewrite_caption(prompt: str, caption: str) -> str:
     """In-context DiffEx edit (``LeditsEditor(captions=..., rewrite=...)``): ``caption`` with the factor value
     that the partial-caption ``prompt`` names put in ("a star", "a small red circle at the top left on a gray
     background" -> "a small red star at the top left on a gray background")."""
-    hit = _partial_captions().get(prompt)
+    hit = partial_captions().get(prompt)
     if hit is None:
         raise KeyError(f"{prompt!r} is not a one-factor partial caption of the shapes grammar")
     return W.caption(W.edit(parse_caption(caption)[None], *hit)[0])
