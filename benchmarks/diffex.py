@@ -60,7 +60,7 @@ def editor(pipe, images, reader, context=False, **ledits) -> LeditsEditor:
     """LEDITS++ on ``images``; ``context``: in-context edits, the images captioned by the reader (the stand-in for
     DiffEx's VLM) and every keyword put into each image's caption (``shapes_oracles.rewrite_caption``)."""
     if context:
-        ledits.update(captions=SO.read_captions(images, reader), rewrite=SO.rewrite_caption)
+        ledits.update(SO.context_edits(images, reader))
     return LeditsEditor(pipe, images, **ledits)
 
 

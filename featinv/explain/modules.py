@@ -299,8 +299,7 @@ class DiffExModule(_Explainer):
             from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
 
             pipe = load_ledits_pipeline(self._sd_dir(), scheduler=self.scheduler)
-            ctx = dict(captions=SO.read_captions(self.images, self.reader), rewrite=SO.rewrite_caption) \
-                if self.context else {}
+            ctx = SO.context_edits(self.images, self.reader) if self.context else {}
             self.editor = LeditsEditor(pipe, self.images, batch=self.batch, **self.ledits, **ctx)
 
     def _score_fn(self, name: str):

@@ -14,8 +14,8 @@ The world is imported here, never by the core (``depict``, ``diffex``, ``gradcam
 from __future__ import annotations
 
 import functools
+import itertools
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ from featinv.zoo.shapes import world as W
 __all__ = ["multi_caption", "RendererOracle", "FACTORS", "factor_table", "single_caption", "FactorOracle",
            "factor_detector", "presence_detector", "factor_reader", "target_classifier",
            "target_labels", "target_truth", "concept_masks", "RendererEditor", "keyword_factor", "target_meta",
-           "CONCEPTS", "TARGET_LAYER", "parse_caption", "rewrite_caption", "read_captions", "partial_captions"]
+           "CONCEPTS", "TARGET_LAYER", "parse_caption", "rewrite_caption", "read_captions", "partial_captions",
+           "context_edits"]
 
 CONCEPTS = list(W.CONCEPTS)
 FACTORS = list(W.FACTORS)  # the captioned factors of single-object scenes: DEPICT's categorical columns
@@ -177,23 +178,31 @@ def partial_captions() -> dict[str, tuple[str, int]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _caption_pattern() -> "re.Pattern[str]":
-    alt = {f: "|".join(re.escape(v) for v in sorted(vals, key=len, reverse=True)) for f, vals in W.FACTORS.items()}
-    return re.compile(rf"a (?P<size>{alt['size']}) (?P<color>{alt['color']}) (?P<shape>{alt['shape']}) "
-                      rf"(?:at the (?P<position>{alt['position']})|in the (?P<center>center)) "
-                      rf"on a (?P<background>{alt['background']}) background")
+def _full_captions() -> dict[str, tuple[int, ...]]:
+    """Every full single-object caption of the grammar -> its factor values (``world.caption`` inverted by
+    enumeration: 2,592 captions, so the grammar is written once, in the world)."""
+    rows = np.zeros(int(np.prod([len(v) for v in W.FACTORS.values()])), W.SINGLE_DTYPE)
+    for f, values in zip(W.FACTORS, zip(*itertools.product(*(range(len(v)) for v in W.FACTORS.values())))):
+        rows[f] = values
+    return {c: tuple(int(r[f]) for f in W.FACTORS) for c, r in zip(W.captions(rows), rows)}
 
 
 def parse_caption(text: str) -> np.ndarray:
     """A full single-object caption of the grammar -> a row with those factors (nuisances zero); the inverse
     of ``world.caption``."""
-    m = _caption_pattern().fullmatch(text)
-    if m is None:
+    values = _full_captions().get(text)
+    if values is None:
         raise ValueError(f"not a full caption of the shapes grammar: {text!r}")
     row = np.zeros((), W.SINGLE_DTYPE)
-    for f, vals in W.FACTORS.items():
-        row[f] = vals.index(m["center"] if f == "position" and m["center"] else m[f])
+    for f, v in zip(W.FACTORS, values):
+        row[f] = v
     return row
+
+
+def context_edits(images: torch.Tensor, reader: nn.Module) -> dict:
+    """``LeditsEditor`` arguments for in-context edits of single-object ``images``: their captions as the reader
+    reads them and ``rewrite_caption``."""
+    return dict(captions=read_captions(images, reader), rewrite=rewrite_caption)
 
 
 def rewrite_caption(prompt: str, caption: str) -> str:
