@@ -329,20 +329,29 @@ def test_tokenizer_rebuilds_with_the_same_ids():
         assert T.canonical_vocab(model["vocab"], merges) == vocab, folder
 
 
+def _is_stored_schedule(recorded: dict, name: str) -> bool:
+    """A training record's scheduler equals the one stored in the committed ``name`` folder (every key it names)."""
+    from featinv.zoo.shapes import sd as S
+
+    stored = json.loads((S.sd_dir(name) / "scheduler" / "scheduler_config.json").read_text())
+    return bool(recorded) and all(stored.get(k) == v for k, v in recorded.items())
+
+
 def test_committed_weights_were_trained_with_the_configured_stages():
     """`python -m featinv.zoo.train --what shapes` must be the command that made the committed weights: every
     stage's recorded hyper-parameters equal its CONFIG (the VAE configured a third phase it never ran)."""
     from featinv.zoo.shapes import train as ST
 
-    calls = META["shapes-sd"]["finetune"]  # shapes-unet-ft: one record per call, data-order seeds consecutive
-    cfg = ST.CONFIG["shapes-unet-ft"]
-    assert [c["call"] for c in calls] == list(range(1, cfg["calls"] + 1))
-    assert [c["seed"] for c in calls] == [cfg["seed_offset"] + k for k in range(cfg["calls"])]
-    assert all(c["hyperparameters"] == cfg and c["init_from"] == "shapes-sd" for c in calls)
-    assert all(c["scheduler"] == META["shapes-sd"]["scheduler"] for c in calls)  # a continuation keeps its schedule
+    for stage in ST.FINETUNE_STAGES:  # one record per call, data-order seeds consecutive
+        name = ST.META_NAME[stage]
+        calls, cfg = META[name]["finetune"], ST.CONFIG[stage]
+        assert [c["call"] for c in calls] == list(range(1, cfg["calls"] + 1)), stage
+        assert [c["seed"] for c in calls] == [cfg["seed_offset"] + k for k in range(cfg["calls"])], stage
+        assert all(c["hyperparameters"] == cfg and c["init_from"] == name for c in calls), stage
+        assert all(_is_stored_schedule(c["scheduler"], name) for c in calls)  # a continuation keeps its schedule
     for stage, cfg in ST.CONFIG.items():
         entry = META[ST.META_NAME.get(stage, stage)]
-        hp = entry["hyperparameters"] if stage != "shapes-unet-ft" else entry["finetune"][-1]["hyperparameters"]
+        hp = entry["hyperparameters"] if stage not in ST.FINETUNE_STAGES else entry["finetune"][-1]["hyperparameters"]
         for key, value in cfg.items():
             if key == "phases":
                 ran = entry["phases"]
@@ -418,46 +427,51 @@ def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path, monkeypatch):
-    """``shapes-unet-ft`` starts from the stored UNet (not a fresh one: its first probe equals the stored
-    model's), trains with shapes-unet's own loss and appends one record per call to meta.json's shapes-sd entry,
-    each call continuing the last with the next data-order seed."""
+@pytest.mark.parametrize("stage,name,loss", [("shapes-unet-ft", "shapes-sd", "MSE of the v_prediction"),
+                                             ("shapes-multi-unet-ft", "shapes-multi-sd", "Min-SNR-5.0 weighted")])
+def test_unet_finetune_stage_continues_the_committed_prior_and_keeps_its_record(tmp_path, monkeypatch, stage, name,
+                                                                                loss):
+    """A ``-ft`` stage starts from the stored UNet (not a fresh one: its first probe equals the stored model's),
+    trains with that prior's own loss and appends one record per call to meta.json's entry of that prior, each
+    call continuing the last with the next data-order seed."""
     import shutil
 
     from featinv.zoo.shapes import sd as S
     from featinv.zoo.shapes import train as ST
     from featinv.zoo.shapes import train_sd
 
-    shutil.copytree(S.sd_dir("shapes-sd"), tmp_path / "shapes-sd", symlinks=False)
-    (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": {"steps": 1, "fidelity": {"x": 1}}}))
-    pipe = S.load_pipeline("shapes-sd")
-    before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched=pipe.scheduler)
-    assert min(before.values()) > 0
-    monkeypatch.setitem(ST.CONFIG, "shapes-unet-ft", dict(ST.CONFIG["shapes-unet-ft"], calls=1))
-    ST.run(["shapes-unet-ft"], tmp_path, seed=0, scale=0.002)
-    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    shutil.copytree(S.sd_dir(name), tmp_path / name, symlinks=False)
+    (tmp_path / "meta.json").write_text(json.dumps({name: {"steps": 1, "fidelity": {"x": 1}}}))
+    pipe = S.load_pipeline(name)
+    before = train_sd.conditioning_probe(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched=pipe.scheduler) \
+        if name == "shapes-sd" else None
+    off = ST.CONFIG[stage]["seed_offset"]
+    monkeypatch.setitem(ST.CONFIG, stage, dict(ST.CONFIG[stage], calls=1))
+    ST.run([stage], tmp_path, seed=0, scale=0.002)
+    meta = json.loads((tmp_path / "meta.json").read_text())[name]
     assert meta["steps"] == 1 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
     assert len(meta["finetune"]) == 1
     ft = meta["finetune"][0]
-    assert ft["init_from"] == "shapes-sd" and ft["loss"].startswith("MSE of the v_prediction") and ft["steps"] == 8
-    assert "object coverage" not in ft["loss"] and ft["hyperparameters"]["snr_gamma"] is None
-    assert ft["scheduler"]["rescale_betas_zero_snr"] is True and ft["scheduler"]["timestep_spacing"] == "trailing"
-    assert set(ft["conditioning_probe"]) == {"eps_t500", "x0_t800"}
-    assert set(ft["conditioning_probe"]["x0_t800"]) == {"position", "shape", "color", "size", "background"}
-    after = S.load_pipeline(tmp_path / "shapes-sd")
+    assert ft["init_from"] == name and ft["loss"].startswith(loss) and ft["steps"] == 8
+    assert "object coverage" not in ft["loss"] and ft["hyperparameters"]["snr_gamma"] == ST.CONFIG[stage]["snr_gamma"]
+    assert _is_stored_schedule(ft["scheduler"], name)  # a continuation keeps its stored schedule
+    after = S.load_pipeline(tmp_path / name)
     changed = [not torch.equal(a, b) for a, b in zip(after.unet.parameters(), pipe.unet.parameters())]
     assert any(changed)
-    # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
-    assert abs(ft["conditioning_probe"]["eps_t500"]["color"] - before["color"]) < 0.1 * before["color"]
-    monkeypatch.setitem(ST.CONFIG, "shapes-unet-ft", dict(ST.CONFIG["shapes-unet-ft"], calls=2))
-    ST.run(["shapes-unet-ft"], tmp_path, seed=1, scale=0.002)  # two more calls continue the first
-    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
-    assert [(f["call"], f["seed"]) for f in meta["finetune"]] == [(1, 3), (2, 4), (3, 5)]
+    if before is not None:
+        assert set(ft["conditioning_probe"]) == {"eps_t500", "x0_t800"}
+        assert set(ft["conditioning_probe"]["x0_t800"]) == {"position", "shape", "color", "size", "background"}
+        # a continuation, not a restart: 8 small steps leave the probe close to the stored model's
+        assert abs(ft["conditioning_probe"]["eps_t500"]["color"] - before["color"]) < 0.1 * before["color"]
+    monkeypatch.setitem(ST.CONFIG, stage, dict(ST.CONFIG[stage], calls=2))
+    ST.run([stage], tmp_path, seed=1, scale=0.002)  # two more calls continue the first
+    meta = json.loads((tmp_path / "meta.json").read_text())[name]
+    assert [(f["call"], f["seed"]) for f in meta["finetune"]] == [(1, off), (2, off + 1), (3, off + 2)]
     assert meta["fidelity_before_finetune"] == {"x": 1}
     meta["fidelity"] = {"x": 2}  # measured between calls: the next call keeps the fidelity before the first one
-    (tmp_path / "meta.json").write_text(json.dumps({"shapes-sd": meta}))
-    ST.run(["shapes-unet-ft"], tmp_path, seed=3, scale=0.002)
-    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-sd"]
+    (tmp_path / "meta.json").write_text(json.dumps({name: meta}))
+    ST.run([stage], tmp_path, seed=3, scale=0.002)
+    meta = json.loads((tmp_path / "meta.json").read_text())[name]
     assert len(meta["finetune"]) == 5 and meta["fidelity_before_finetune"] == {"x": 1} and "fidelity" not in meta
 
 

@@ -273,7 +273,7 @@ def parse_args(argv=None):
         except ValueError as e:
             p.error(str(e))
     if dev.type != "cpu" and not (args.shapes and set(stages) & set(UNET_STAGES)):
-        p.error(f"--device {args.device}: only the shapes UNet stages (shapes-unet, shapes-unet-ft, shapes-multi-unet) "
+        p.error(f"--device {args.device}: only the shapes UNet stages ({', '.join(UNET_STAGES)}) "
                 "train there; none is selected")
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")

@@ -3,7 +3,7 @@
 Stages, in this order (judges first; the prior is the long pole): ``shapes-reader``, ``shapes-detector``,
 ``shapes-vae``, ``shapes-unet`` (-> ``shapes-sd``), ``shapes-unet-ft`` (continues it in 7 calls of 1,250 steps,
 each a warm restart appended to ``shapes-sd.finetune``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
-``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``,
+``shapes-multi-unet-ft`` (continues that one the same way, appended to ``shapes-multi-sd.finetune``), ``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``,
 ``shapes-probes``. ``--what shapes`` runs all; any comma list of stage names runs those. Each stage
 is seeded (``seed`` + a fixed per-stage offset), trains on train renders only, evaluates on test renders,
 saves safetensors under the output folder and records itself in ``meta.json``. ``--shapes-scale s``
@@ -25,7 +25,8 @@ from featinv.zoo.provenance import env_info, save_weights, update_meta
 from featinv.zoo.shapes import world as W
 
 STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-unet-ft", "shapes-multi-unet",
-          "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip", "shapes-targets", "shapes-probes")
+          "shapes-multi-unet-ft", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip", "shapes-targets", "shapes-probes")
+CALLS_MULTI_FT = 5
 # Hyper-parameters of every stage (steps and n are multiplied by --shapes-scale).
 CONFIG = {
     "shapes-reader": dict(seed_offset=1000, n=40000, steps=2500, batch=128, lr=2e-3, width=48),
@@ -48,6 +49,10 @@ CONFIG = {
     "shapes-unet-ft": dict(seed_offset=3, calls=7, n=50000, steps=1250, batch=128, lr=5e-4, ema_decay=0.999,
                            snr_gamma=None, object_weight=0.0),
     "shapes-multi-unet": dict(seed_offset=1, n=30000, steps=800, batch=128, lr=1e-3, ema_decay=0.998),
+    # continues the stored shapes-multi-sd with its own loss (Min-SNR-5 epsilon MSE) in warm restarts; the number
+    # of calls was chosen on the multi val captions (DEPICT's effective-generation gap, docs/design.md)
+    "shapes-multi-unet-ft": dict(seed_offset=2, calls=CALLS_MULTI_FT, n=30000, steps=1000, batch=128, lr=5e-4,
+                                 ema_decay=0.998, snr_gamma=5.0, object_weight=0.0),
     "shapes-shape": dict(seed_offset=10, n=30000, steps=1000, batch=128, lr=2e-3),
     "shapes-color": dict(seed_offset=11, n=30000, steps=400, batch=128, lr=2e-3),
     "shapes-invariant": dict(seed_offset=12, n=30000, steps=1000, batch=128, lr=2e-3),
@@ -198,12 +203,15 @@ RUNNERS = {
     "shapes-reader": train_reader, "shapes-detector": train_detector, "shapes-vae": train_vae_stage,
     "shapes-unet": train_unet_stage("shapes-sd", "single"), "shapes-unet-ft": train_unet_stage("shapes-sd", "single", finetune=True),
     "shapes-multi-unet": train_unet_stage("shapes-multi-sd", "multi"),
+    "shapes-multi-unet-ft": train_unet_stage("shapes-multi-sd", "multi", finetune=True),
     "shapes-shape": train_encoder_stage("shapes-shape"), "shapes-color": train_encoder_stage("shapes-color"),
     "shapes-invariant": train_encoder_stage("shapes-invariant"), "shapes-clip": train_clip_stage,
     "shapes-targets": train_targets_stage, "shapes-probes": probes_stage,
 }
-UNET_STAGES = ("shapes-unet", "shapes-unet-ft", "shapes-multi-unet")  # the stages that train on ``device``
-META_NAME = {"shapes-unet": "shapes-sd", "shapes-unet-ft": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd"}
+UNET_STAGES = ("shapes-unet", "shapes-unet-ft", "shapes-multi-unet", "shapes-multi-unet-ft")  # the stages that train on ``device``
+META_NAME = {"shapes-unet": "shapes-sd", "shapes-unet-ft": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd",
+             "shapes-multi-unet-ft": "shapes-multi-sd"}
+FINETUNE_STAGES = ("shapes-unet-ft", "shapes-multi-unet-ft")
 
 
 def expand(what: list[str]) -> list[str]:
@@ -230,7 +238,7 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
         calls = c.get("calls", 1)
         print(f"== {stage} (seed {s}" + (f"..{s + calls - 1}, {calls} calls" if calls > 1 else "") + ") ==", flush=True)
         t0 = time.time()
-        for k in range(calls):  # shapes-unet-ft: one record per call, each written when it ends
+        for k in range(calls):  # the -ft stages: one record per call, each written when it ends
             t1, load1 = time.time(), os.getloadavg()[0]
             if stage in UNET_STAGES:
                 entry = RUNNERS[stage](out, s + k, c, device=device)
@@ -239,8 +247,8 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
             entry = dict(entry, stage=stage, stage_wall_seconds=round(time.time() - t1, 1), shapes_scale=scale,
                          hyperparameters=c, load_average_1min=dict(start=round(load1, 2), end=round(os.getloadavg()[0], 2)),
                          **env_info())
-            if stage == "shapes-unet-ft":
-                entry = _finetune_record(out, entry)
+            if stage in FINETUNE_STAGES:
+                entry = _finetune_record(out, entry, META_NAME[stage])
             update_meta(out, META_NAME.get(stage, stage), _clean(entry))
         results[stage] = entry
         print(f"== {stage} done in {time.time() - t0:.0f}s ==", flush=True)
@@ -248,12 +256,12 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
     return results
 
 
-def _finetune_record(out: Path, entry: dict) -> dict:
-    """shapes-sd's meta entry with one more continuation call appended to ``finetune`` (numbered from 1 over
+def _finetune_record(out: Path, entry: dict, name: str = "shapes-sd") -> dict:
+    """``name``'s meta entry with one more continuation call appended to ``finetune`` (numbered from 1 over
     every call so far); the fidelity measured before the first call is kept as ``fidelity_before_finetune``
     (the continued prior's must be measured again)."""
     path = out / "meta.json"
-    sd = json.loads(path.read_text()).get("shapes-sd", {}) if path.exists() else {}
+    sd = json.loads(path.read_text()).get(name, {}) if path.exists() else {}
     if "fidelity" in sd:
         sd.setdefault("fidelity_before_finetune", sd.pop("fidelity"))
     calls = sd.get("finetune", [])
