@@ -265,9 +265,10 @@ def parse_args(argv=None):
         p.error(f"--device {args.device!r}: not a device; use cpu, cuda or cuda:N")
     if dev.type not in ("cpu", "cuda"):
         p.error(f"--device {args.device}: only cpu and cuda are supported")
-    if args.shapes:
-        from featinv.zoo.shapes.train import UNET_STAGES, expand
+    from featinv.zoo.shapes.train import UNET_STAGES, expand
 
+    stages = []
+    if args.shapes:
         try:
             stages = expand(args.shapes)
         except ValueError as e:
