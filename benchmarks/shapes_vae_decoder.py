@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import commit  # noqa: E402
@@ -43,12 +42,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def finetune_decoder(vae, steps: int, lr: float, object_weight: float, batch: int = 64, seed: int = 100, log=print):
     """Train ``vae``'s decoder and post_quant_conv in place (encoder frozen); returns the final running loss."""
-    xs, rs = W.load_split("single", "train", 30000)
-    xm, rm = W.load_split("multi", "train", 10000)
-    x = torch.cat([xs, xm]) * 2 - 1
-    obj = torch.cat([W.masks(rs)["object"], W.masks(rm)["object"]])[:, None]
-    boost = (64.0 / obj.sum((1, 2, 3), keepdim=True).clamp(min=1.0)).clamp(1.0, 4.0)
-    weight = 1 + object_weight * F.max_pool2d(obj, 3, 1, 1) * boost
+    x, dil, boost = train_sd.vae_training_data(30000, 10000)  # the VAE stage's data and weights
+    weight = 1 + object_weight * dil * boost
     vae.requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:

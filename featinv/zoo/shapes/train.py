@@ -259,7 +259,7 @@ def run(what: list[str], out: Path, seed: int = 0, scale: float = 1.0, vae_start
     return results
 
 
-def _finetune_record(out: Path, entry: dict, name: str = "shapes-sd") -> dict:
+def _finetune_record(out: Path, entry: dict, name: str) -> dict:
     """``name``'s meta entry with one more continuation call appended to ``finetune`` (numbered from 1 over
     every call so far); the fidelity measured before the first call is kept as ``fidelity_before_finetune``
     (the continued prior's must be measured again)."""

@@ -48,6 +48,16 @@ def _ema_update(ema, model, decay):
 
 
 # -- VAE -------------------------------------------------------------------------------------------
+def vae_training_data(n_single: int, n_multi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VAE's train renders in [-1, 1] (single then multi), their dilated object masks (N, 1, 32, 32) and the
+    small-object boost clamp(64 px / object area, 1, 4) (N, 1, 1, 1): pixel weight 1 + w * mask (* boost)."""
+    xs, rs = W.load_split("single", "train", n_single)
+    xm, rm = W.load_split("multi", "train", n_multi)
+    obj = torch.cat([W.masks(rs)["object"], W.masks(rm)["object"]])[:, None]
+    boost = (64.0 / obj.sum((1, 2, 3), keepdim=True).clamp(min=1.0)).clamp(1.0, 4.0)
+    return torch.cat([xs, xm]) * 2 - 1, F.max_pool2d(obj, 3, 1, 1), boost
+
+
 def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: float, n_single: int, n_multi: int,
               start_phase: int = 1, log=print) -> tuple[object, dict]:
     """Train in ``phases`` [(steps, lr, object_weight, small_boost), ...] (warm restarts: a fresh AdamW and
@@ -57,13 +67,7 @@ def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: floa
     clamp(64 px / object area, 1, 4) if ``small_boost`` (small objects count as much as large ones)."""
     from diffusers import AutoencoderKL
 
-    xs, rs = W.load_split("single", "train", n_single)
-    xm, rm = W.load_split("multi", "train", n_multi)
-    x = torch.cat([xs, xm]) * 2 - 1
-    obj = torch.cat([W.masks(rs)["object"], W.masks(rm)["object"]])[:, None]
-    dil = F.max_pool2d(obj, 3, 1, 1)  # (N, 1, 32, 32)
-    boost = (64.0 / obj.sum((1, 2, 3), keepdim=True).clamp(min=1.0)).clamp(1.0, 4.0)
-    del xs, xm
+    x, dil, boost = vae_training_data(n_single, n_multi)
     stored = S.sd_dir("shapes-sd", out) / "vae"
     infos = []
     for k, (steps, lr, object_weight, small_boost) in enumerate(phases, 1):
