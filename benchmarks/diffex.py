@@ -200,8 +200,12 @@ def report(m):
         lines.append(f"| {r['classifier']} | {', '.join(p for p in r['planted'] if p)} | {', '.join(r['used'])} | "
                      f"{', '.join(r['top_factors'])} | {_f([r['recall']])} | {_f([r['spearman']])} | {r['true_child']} | "
                      f"{r['diffex_top']} | {r['parent_in_beam']} |")
-    lines += ["", "## Edit quality per factor (reader)\n", "| factor | edits | success | leakage |", "|---|---|---|---|"]
-    lines += [f"| {f} | {v['edits']} | {v['success']:.3f} | {v['leakage']:.3f} |" for f, v in q["per_factor"].items()]
+    lines += ["", "## Edit quality per factor (reader)\n",
+              "Leaked into: the share of the factor's edits that changed each other factor (an edit may change several).\n",
+              "| factor | edits | success | leakage | leaked into |", "|---|---|---|---|---|"]
+    lines += [f"| {f} | {v['edits']} | {v['success']:.3f} | {v['leakage']:.3f} | "
+              + ", ".join(f"{g} {r:.2f}" for g, r in sorted(v["leaked_into"].items(), key=lambda gr: -gr[1]) if r > 0)
+              + " |" for f, v in q["per_factor"].items()]
     lines += ["", "Figures: `diffex_<classifier>.png` (keyword Deltas, DiffEx vs oracle), `diffex_grid.png` (rows: "
               "scenes, then edits to circle, star, red, blue, large, top left, white background; seed 0)."]
     return "\n".join(lines) + "\n"

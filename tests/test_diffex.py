@@ -112,8 +112,8 @@ def test_edit_quality_counts_success_and_leakage_on_non_trivial_edits():
     # red on 2 blue images, blue on 2 red images, small on 4 medium images: all succeed; small turns the
     # two blue images red: 2 leaks of 8
     assert q["edits"] == 8 and q["success"] == 1.0 and q["leakage"] == 0.25
-    assert q["per_factor"]["color"] == {"edits": 4, "success": 1.0, "leakage": 0.0}
-    assert q["per_factor"]["size"]["leakage"] == 0.5
+    assert q["per_factor"]["color"] == {"edits": 4, "success": 1.0, "leakage": 0.0, "leaked_into": {"size": 0.0}}
+    assert q["per_factor"]["size"]["leakage"] == 0.5 and q["per_factor"]["size"]["leaked_into"] == {"color": 0.5}
 
 
 def test_renderer_oracle_explains_a_planted_colour_classifier():
@@ -309,6 +309,30 @@ def test_ledits_in_context_edits_use_each_caption_as_source_and_base(tiny_sd_dir
     assert not torch.allclose(e, plain.edit("a star", seed=0), atol=1e-3)  # the base and the prompt differ
     with pytest.raises(ValueError, match="both captions and rewrite"):
         LeditsEditor(pipe, x, captions=caps)
+
+
+def test_unmasked_unit_guidance_edit_samples_the_edited_caption_from_the_noise_maps(tiny_sd_dir):
+    """edit_threshold=0, edit_guidance_scale=1: eps(caption) + (eps(edited) - eps(caption)) = eps(edited), i.e.
+    the edited caption sampled from the caption's inversion (Huberman-Spiegelglas et al.'s edit); a mask that
+    kept less than everything, or a scale applied twice, would make the two differ."""
+    from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
+
+    pipe = load_ledits_pipeline(tiny_sd_dir)
+    x, rows = W.load_split("single", "val", 1)
+    caps = W.captions(rows)
+    ed = LeditsEditor(pipe, x, captions=caps, rewrite=SO.rewrite_caption, steps=4, skip=0.25,
+                      edit_guidance_scale=1.0, edit_threshold=0.0)
+    e = ed.edit("a star", seed=0)
+    star = SO.rewrite_caption("a star", caps[0])
+    ed._restore(0, 0)
+    with torch.no_grad():
+        direct = pipe(editing_prompt=[star], negative_prompt=star, edit_guidance_scale=1.0, edit_threshold=0.0,
+                      output_type="pt").images.float().clamp(0, 1)
+    torch.testing.assert_close(e, direct, atol=1e-4, rtol=0)
+    assert not torch.allclose(e, ed.reconstruct(0), atol=1e-3)  # and it is an edit
+    for bad in (dict(edit_threshold=1.5), dict(edit_guidance_scale=0.0), dict(steps=0)):
+        with pytest.raises(ValueError, match="LEDITS\\+\\+ needs"):
+            LeditsEditor(pipe, x, **bad)
 
 
 def test_captions_parse_back_and_keywords_go_into_them():

@@ -218,10 +218,12 @@ def edit_quality(scorer: EditScorer, originals: torch.Tensor, leaves: Sequence[N
 
     For each leaf edit (factor f set to value v) of each image whose reading of f is not already v:
     success = the judge reads v on the edited image; leakage = the judge reads a change in any other
-    factor. Returns overall rates, per-factor rates and counts.
+    factor. Returns overall rates, per-factor rates and counts, and per edited factor ``leaked_into``:
+    the share of its edits that changed each other factor (which factor the leaks land in).
     """
     orig = read(originals)
     counts: dict[str, list[float]] = {}
+    into: dict[str, dict[str, int]] = {}
     for leaf in leaves:
         factor, value = leaf_value(leaf.keyword)
         need = orig[factor] != value
@@ -231,9 +233,12 @@ def edit_quality(scorer: EditScorer, originals: torch.Tensor, leaves: Sequence[N
             got = read(scorer.edited[(leaf.prompts, s)])
             ok = (got[factor] == value)[need]
             leak = torch.zeros_like(need)
+            hits = into.setdefault(factor, {})
             for f in got:
                 if f != factor:
-                    leak |= got[f] != orig[f]
+                    changed = got[f] != orig[f]
+                    hits[f] = hits.get(f, 0) + int(changed[need].sum())
+                    leak |= changed
             c = counts.setdefault(factor, [0, 0, 0])
             c[0] += int(need.sum())
             c[1] += int(ok.sum())
@@ -243,5 +248,6 @@ def edit_quality(scorer: EditScorer, originals: torch.Tensor, leaves: Sequence[N
         raise ValueError("edit_quality: no leaf edits to judge (score the leaves first)")
     return {"edits": n, "success": sum(c[1] for c in counts.values()) / n,
             "leakage": sum(c[2] for c in counts.values()) / n,
-            "per_factor": {f: {"edits": c[0], "success": c[1] / max(c[0], 1), "leakage": c[2] / max(c[0], 1)}
+            "per_factor": {f: {"edits": c[0], "success": c[1] / max(c[0], 1), "leakage": c[2] / max(c[0], 1),
+                               "leaked_into": {g: k / max(c[0], 1) for g, k in into[f].items()}}
                            for f, c in counts.items()}}

@@ -21,6 +21,11 @@ edit), so a source prompt is followed with scale 1 - s); here the inversion uses
 base the edit then uses. The pipeline encodes one prompt per concept for the whole batch, so these edits run
 one image at a time.
 
+``edit_threshold=0`` switches the implicit masks off (every quantile is the minimum): the guidance is then
+eps(base) + s_e (eps(edited) - eps(base)) everywhere, and an in-context edit at ``edit_guidance_scale=1`` is
+plain sampling of the edited caption from the caption's edit-friendly noise maps -- the editing of
+Huberman-Spiegelglas et al. (2024), which LEDITS++ builds on.
+
 Not changed: the pipeline's token count for a concept's cross-attention mask is the tokenizer's ``length``,
 which with ``padding="max_length"`` is the padded length (transformers 5), so the mask sums the attention
 over every token position, padding included, for every prompt (tested).
@@ -118,7 +123,8 @@ class LeditsEditor:
         pipe: a ``LEditsPPPipelineStableDiffusion`` (``load_ledits_pipeline``).
         images: (N, 3, H, W) in [0, 1]; ``ids``: their stable ids (default 0..N-1) for per-image seeds.
         steps: inversion (= editing) steps; ``skip``: share of initial steps skipped (lower = stronger edits);
-        edit_guidance_scale, edit_threshold: LEDITS++ s_e and lambda (the paper's 10 and 0.75 for SD-1.5);
+        edit_guidance_scale, edit_threshold: LEDITS++ s_e and lambda (the paper's 10 and 0.75 for SD-1.5;
+            lambda = 0: no mask, see the module docstring);
         batch: images per inversion / edit call.
         captions, rewrite: in-context edits (see the module docstring): ``captions[i]`` describes image i
             (e.g. from a captioner) and ``rewrite(prompt, caption)`` puts an editing prompt's keyword into
@@ -137,6 +143,9 @@ class LeditsEditor:
             raise ValueError(f"{len(captions)} captions for {len(images)} images")
         if not 0 <= skip < 1:
             raise ValueError(f"skip must be in [0, 1), got {skip}")
+        if not 0 <= edit_threshold <= 1 or edit_guidance_scale <= 0 or steps < 1:
+            raise ValueError(f"LEDITS++ needs edit_threshold in [0, 1], edit_guidance_scale > 0 and steps >= 1, got "
+                             f"{edit_threshold}, {edit_guidance_scale}, {steps}")
         self.pipe, self.images = pipe, images.detach().float().cpu().clamp(0, 1)
         self.ids = list(range(len(images))) if ids is None else [int(i) for i in ids]
         if len(self.ids) != len(self.images):
