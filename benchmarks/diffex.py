@@ -1,6 +1,7 @@
 """DiffEx on the shapes world with LEDITS++ on the mini SD, scored against the renderer's exact edits (issue 14).
 
     python benchmarks/diffex.py --phase val      # choose the edit mode, LEDITS++ guidance, threshold, skip, steps
+    python benchmarks/diffex.py --phase val-combine  # then how a family's keywords make one edit (sum / mean)
     python benchmarks/diffex.py                  # test: 8 single-object classifiers, 24 scenes x 2 seeds
 
 Validation: every hierarchy keyword edited on the first ``n_val`` val scenes (seed 0) for each LEDITS++
@@ -9,7 +10,8 @@ scenes captioned by the reader and each keyword put into the caption; featinv.ex
 success (the reader sees the requested value) and leakage (the reader sees another factor change) --
 classifier-free, so nothing about the explained classifiers is tuned. Chosen: the highest success with
 leakage <= 0.10 (else the highest success - leakage). Stage 1 grids edit mode x guidance x threshold x
-skip at ``--val-steps[0]``; stage 2 the step counts at the stage-1 choice.
+skip at ``--val-steps[0]``; stage 2 the step counts at the stage-1 choice; stage 3 (``--phase val-combine``)
+the family edits' combination (``LeditsEditor(combine=...)``), judged on the level-1 edits by the same rule.
 
 Test: on the first ``n`` test scenes, for each classifier and target class: DiffEx (beam search over
 configs/explain/hierarchy_shapes.yaml, Delta = mean over scenes and seeded edits of P(class | edit) -
@@ -45,7 +47,8 @@ from featinv.viz import comparison_grid, save_png  # noqa: E402
 from featinv.zoo.shapes import world as W  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("steps", "skip", "edit_guidance_scale", "edit_threshold", "context")
+KEYS = ("steps", "skip", "edit_guidance_scale", "edit_threshold", "context", "combine")
+DEFAULTS = {"context": False, "combine": "sum"}  # when val chose neither: DiffEx's bare keywords, LEDITS++'s sum
 CLASSIFIERS = ["unbiased-shape:circle", "unbiased-color:red", "unbiased-size:large", "unbiased-position:top left",
                "biased-shape-bg:circle", "biased-shape-position:star", "biased-shape-color:triangle", "biased-size-bg:small"]
 
@@ -114,6 +117,46 @@ def validate(a, meta, h, pipe, reader):
     lines += ["", f"Chosen: {chosen}.", "", "Per factor at the chosen setting (success / leakage): " + ", ".join(
         f"{f} {v['success']:.2f} / {v['leakage']:.2f}" for f, v in best["per_factor"].items())]
     return "\n".join(lines) + "\n"
+
+
+def validate_combine(a, meta, h, pipe, reader):
+    """Stage 3 (after ``--phase val``): how a family's keywords are combined into its one edit, at the chosen
+    keyword setting, judged on the level-1 edits alone (the reader sees a value of the family; leakage as
+    for keywords) by the same rule; the choice is added to OUT_val.json and OUT_val.md."""
+    path = Path(a.out + "_val.json")
+    if not path.exists():
+        sys.exit(f"{path} not found: run --phase val first")
+    val = json.loads(path.read_text())
+    x, _ = W.load_split("single", "val", val["n"])
+    fams = [n for n in h.level1 if len(n.prompts) > 1]
+    rows = []
+    for combine in a.val_combine:
+        t0 = time.time()
+        cfg = {**{k: v for k, v in val["chosen"].items() if k != "combine"}, "combine": combine}
+        ed = editor(pipe, x, reader, batch=a.batch, **{**cfg, "steps": int(cfg["steps"])})
+        s = EditScorer(ed, lambda z: torch.zeros(len(z)), x, [0])
+        for n in fams:
+            s.images(n, 0)
+        q = edit_quality(s, x, fams, reader, SO.keyword_factor)
+        rows.append({"combine": combine, "success": q["success"], "leakage": q["leakage"],
+                     "seconds": round(time.time() - t0, 1), "per_factor": q["per_factor"]})
+        print({k: v for k, v in rows[-1].items() if k != "per_factor"}, flush=True)
+    best = pick(rows)
+    val["chosen"]["combine"] = best["combine"]
+    val["combine_grid"], val["combine_command"], val["combine_commit"] = rows, meta["command"], meta["commit"]
+    path.write_text(json.dumps(val, indent=1, allow_nan=False))
+    lines = ["", "## Stage 3: family edits (`--phase val-combine`)\n",
+             f"Commit `{meta['commit']}`; command `{meta['command']}`. The {len(fams)} level-1 items with several "
+             f"keywords ({', '.join(n.name for n in fams)}), each one multi-prompt edit at the chosen setting, on "
+             f"the same {val['n']} val scenes (seed 0); success = the reader sees a value of the family. `sum`: "
+             "LEDITS++ adds each keyword's guidance at full scale; `mean`: each at scale / K (the family's mean "
+             "direction). Same rule as above.\n",
+             "| combine | success | leakage | s |", "|---|---|---|---|"]
+    lines += [f"| {r['combine']} | {r['success']:.3f} | {r['leakage']:.3f} | {r['seconds']} |" for r in rows]
+    lines += ["", f"Chosen: combine = {best['combine']}."]
+    with open(a.out + "_val.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def score_fn(name, a):
@@ -222,7 +265,7 @@ def _mean(xs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["val", "test"], default="test")
+    ap.add_argument("--phase", choices=["val", "val-combine", "test"], default="test")
     ap.add_argument("--sd", default="shapes-sd")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--hierarchy", default=str(ROOT / "configs" / "explain" / "hierarchy_shapes.yaml"))
@@ -243,6 +286,9 @@ def main():
     ap.add_argument("--context", type=int, choices=[0, 1], default=None,
                     help="1: in-context edits (default: chosen on val)")
     ap.add_argument("--val-context", type=int, nargs="+", choices=[0, 1], default=[0, 1])
+    ap.add_argument("--combine", choices=["sum", "mean"], default=None,
+                    help="how a family's keywords make one edit (default: chosen by --phase val-combine, else sum)")
+    ap.add_argument("--val-combine", nargs="+", choices=["sum", "mean"], default=["sum", "mean"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="1: the tiny models run fastest on one thread")
     ap.add_argument("--out", default="benchmarks/results/diffex")
@@ -253,6 +299,9 @@ def main():
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
     h, reader = Hierarchy.from_yaml(a.hierarchy), SO.factor_reader(a.weights)
     pipe = load_ledits_pipeline(sd_dir(a), scheduler=a.scheduler)
+    if a.phase == "val-combine":
+        validate_combine(a, meta, h, pipe, reader)
+        return
     if a.phase == "val":
         a.out += "_val"
         md = validate(a, meta, h, pipe, reader)
@@ -260,17 +309,18 @@ def main():
         chosen = json.load(open(a.out + "_val.json"))["chosen"] if Path(a.out + "_val.json").exists() else {}
         keys = KEYS
         given = [k for k in keys if getattr(a, k) is not None]
-        default = "context" not in given and "context" not in chosen  # no val choice of it: DiffEx's bare keywords
-        if default:
-            a.context = 0
-        for k in set(keys) - set(given) - ({"context"} if default else set()):
+        default = [k for k in DEFAULTS if k not in given and k not in chosen]  # no val choice of them
+        for k in default:
+            setattr(a, k, DEFAULTS[k])
+        for k in set(keys) - set(given) - set(default):
             if k not in chosen:
                 ap.error(f"--{k.replace('_', '-')} not given and no {a.out}_val.json: run --phase val first")
             setattr(a, k, chosen[k])
         val = f"{Path(a.out).name}_val.md"
-        n_val = len(keys) - len(given) - int(default)
+        n_val = len(keys) - len(given) - len(default)
         meta["ledits_source"] = ", ".join(([f"{' '.join(given)} from the command line"] if given else [])
-                                          + (["context by default (bare keyword prompts)"] if default else [])
+                                          + ([f"{' and '.join(f'{k} {DEFAULTS[k]}' for k in default)} by default"]
+                                             if default else [])
                                           + ([f"{'the rest ' if given or default else ''}chosen on val ({val})"]
                                              if n_val else []))
         a.steps, a.context = int(a.steps), bool(a.context)

@@ -114,6 +114,14 @@ def test_edit_quality_counts_success_and_leakage_on_non_trivial_edits():
     assert q["edits"] == 8 and q["success"] == 1.0 and q["leakage"] == 0.25
     assert q["per_factor"]["color"] == {"edits": 4, "success": 1.0, "leakage": 0.0, "leaked_into": {"size": 0.0}}
     assert q["per_factor"]["size"]["leakage"] == 0.5 and q["per_factor"]["size"]["leaked_into"] == {"color": 0.5}
+    # a family (level-1 node) succeeds when the judge reads any of its values; images already in it are skipped
+    fam = h.level1[0]  # color/c = {red, blue}: every image is already red or blue -> nothing to judge
+    s.images(fam, 0)
+    with pytest.raises(ValueError, match="no edits to judge"):
+        edit_quality(s, orig, [fam], read, lambda k: {"red": ("color", 0), "blue": ("color", 4)}[k])
+    size_fam = h.level1[1]  # size/s = {small}: the "small" edit judged as a family gives the leaf's numbers
+    qf = edit_quality(s, orig, [size_fam], read, lambda k: {"small": ("size", 0)}[k])
+    assert qf["per_factor"]["size"] == q["per_factor"]["size"]
 
 
 def test_renderer_oracle_explains_a_planted_colour_classifier():
@@ -330,6 +338,16 @@ def test_unmasked_unit_guidance_edit_samples_the_edited_caption_from_the_noise_m
                       output_type="pt").images.float().clamp(0, 1)
     torch.testing.assert_close(e, direct, atol=1e-4, rtol=0)
     assert not torch.allclose(e, ed.reconstruct(0), atol=1e-3)  # and it is an edit
+    # combine="mean": K prompts each at scale / K (one prompt: unchanged); "sum": each at the full scale
+    kw = dict(steps=4, skip=0.25, edit_threshold=0.0)
+    two = ["a red shape", "a blue shape"]
+    mean = LeditsEditor(pipe, x, combine="mean", edit_guidance_scale=4.0, **kw)
+    torch.testing.assert_close(mean.edit(two), LeditsEditor(pipe, x, edit_guidance_scale=2.0, **kw).edit(two))
+    assert not torch.allclose(mean.edit(two), LeditsEditor(pipe, x, edit_guidance_scale=4.0, **kw).edit(two), atol=1e-3)
+    torch.testing.assert_close(mean.edit("a star"), LeditsEditor(pipe, x, edit_guidance_scale=4.0, **kw).edit("a star"))
+    assert mean.config()["combine"] == "mean"
+    with pytest.raises(ValueError, match="combine"):
+        LeditsEditor(pipe, x, combine="max")
     for bad in (dict(edit_threshold=1.5), dict(edit_guidance_scale=0.0), dict(steps=0)):
         with pytest.raises(ValueError, match="LEDITS\\+\\+ needs"):
             LeditsEditor(pipe, x, **bad)

@@ -212,26 +212,30 @@ def compare(result: DiffExResult, oracle: DiffExResult, leaf_factor: Callable[[s
             "child_first": bool(result.top) and result.top[0][0] == child}
 
 
-def edit_quality(scorer: EditScorer, originals: torch.Tensor, leaves: Sequence[Node],
+def edit_quality(scorer: EditScorer, originals: torch.Tensor, nodes: Sequence[Node],
                  read: Callable[[torch.Tensor], dict], leaf_value: Callable[[str], tuple[str, int]]) -> dict:
-    """Edit success and leakage of the keyword edits ``scorer`` made of ``originals``, as a judge reads them.
+    """Edit success and leakage of the edits ``scorer`` made of ``originals``, as a judge reads them.
 
     For each leaf edit (factor f set to value v) of each image whose reading of f is not already v:
     success = the judge reads v on the edited image; leakage = the judge reads a change in any other
-    factor. Returns overall rates, per-factor rates and counts, and per edited factor ``leaked_into``:
-    the share of its edits that changed each other factor (which factor the leaks land in).
+    factor. A level-1 node (a family of one factor's values) is judged the same way with v = any of its
+    keywords' values. Returns overall rates, per-factor rates and counts, and per edited factor
+    ``leaked_into``: the share of its edits that changed each other factor (which factor the leaks land in).
     """
     orig = read(originals)
     counts: dict[str, list[float]] = {}
     into: dict[str, dict[str, int]] = {}
-    for leaf in leaves:
-        factor, value = leaf_value(leaf.keyword)
-        need = orig[factor] != value
+    for node in nodes:
+        fv = [leaf_value(c.keyword) for c in (node.children or (node,))]
+        factor, values = fv[0][0], torch.tensor([v for _, v in fv])
+        if any(f != factor for f, _ in fv):
+            raise ValueError(f"edit_quality: {node.name} mixes factors {sorted({f for f, _ in fv})}")
+        need = ~torch.isin(orig[factor], values)
         for s in scorer.seeds:
-            if (leaf.prompts, s) not in scorer.edited:
+            if (node.prompts, s) not in scorer.edited:
                 continue
-            got = read(scorer.edited[(leaf.prompts, s)])
-            ok = (got[factor] == value)[need]
+            got = read(scorer.edited[(node.prompts, s)])
+            ok = torch.isin(got[factor], values)[need]
             leak = torch.zeros_like(need)
             hits = into.setdefault(factor, {})
             for f in got:
@@ -245,7 +249,7 @@ def edit_quality(scorer: EditScorer, originals: torch.Tensor, leaves: Sequence[N
             c[2] += int(leak[need].sum())
     n = sum(c[0] for c in counts.values())
     if n == 0:
-        raise ValueError("edit_quality: no leaf edits to judge (score the leaves first)")
+        raise ValueError("edit_quality: no edits to judge (score the nodes first)")
     return {"edits": n, "success": sum(c[1] for c in counts.values()) / n,
             "leakage": sum(c[2] for c in counts.values()) / n,
             "per_factor": {f: {"edits": c[0], "success": c[1] / max(c[0], 1), "leakage": c[2] / max(c[0], 1),

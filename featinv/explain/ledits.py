@@ -126,6 +126,9 @@ class LeditsEditor:
         edit_guidance_scale, edit_threshold: LEDITS++ s_e and lambda (the paper's 10 and 0.75 for SD-1.5;
             lambda = 0: no mask, see the module docstring);
         batch: images per inversion / edit call.
+        combine: how a multi-prompt edit adds its concepts' guidance: ``sum`` (LEDITS++: each at
+            ``edit_guidance_scale``) or ``mean`` (each at ``edit_guidance_scale / K``: K alternatives of one
+            factor, e.g. a DiffEx family "warm" = red, orange, yellow, edited as their mean direction).
         captions, rewrite: in-context edits (see the module docstring): ``captions[i]`` describes image i
             (e.g. from a captioner) and ``rewrite(prompt, caption)`` puts an editing prompt's keyword into
             a caption; both or neither. In-context edits run one image per call.
@@ -135,7 +138,7 @@ class LeditsEditor:
 
     def __init__(self, pipe, images: torch.Tensor, ids: Sequence[int] | None = None, *, steps: int = 20,
                  skip: float = 0.1, edit_guidance_scale: float = 10.0, edit_threshold: float = 0.75,
-                 batch: int = 64, captions: Sequence[str] | None = None,
+                 batch: int = 64, combine: str = "sum", captions: Sequence[str] | None = None,
                  rewrite: Callable[[str, str], str] | None = None):
         if (captions is None) != (rewrite is None):
             raise ValueError("in-context edits need both captions and rewrite (or neither)")
@@ -146,6 +149,9 @@ class LeditsEditor:
         if not 0 <= edit_threshold <= 1 or edit_guidance_scale <= 0 or steps < 1:
             raise ValueError(f"LEDITS++ needs edit_threshold in [0, 1], edit_guidance_scale > 0 and steps >= 1, got "
                              f"{edit_threshold}, {edit_guidance_scale}, {steps}")
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        self.combine = combine
         self.pipe, self.images = pipe, images.detach().float().cpu().clamp(0, 1)
         self.ids = list(range(len(images))) if ids is None else [int(i) for i in ids]
         if len(self.ids) != len(self.images):
@@ -160,7 +166,7 @@ class LeditsEditor:
     def config(self) -> dict:
         return {"editor": "ledits++", "scheduler": type(self.pipe.scheduler).__name__, "steps": self.steps,
                 "skip": self.skip, "edit_guidance_scale": self.edit_guidance_scale,
-                "edit_threshold": self.edit_threshold, "context": self.captions is not None}
+                "edit_threshold": self.edit_threshold, "combine": self.combine, "context": self.captions is not None}
 
     def _restore(self, seed: int, start: int) -> None:
         key = (int(seed), start)
@@ -182,8 +188,10 @@ class LeditsEditor:
     @torch.no_grad()
     def edit(self, prompts: str | Sequence[str], seed: int = 0) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1]: every image edited toward ``prompts`` (several = one multi-concept
-        LEDITS++ edit, each concept with its own implicit mask), from the inversion of ``seed``."""
+        LEDITS++ edit, each concept with its own implicit mask, guidance added as ``combine`` says), from the
+        inversion of ``seed``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        scale = self.edit_guidance_scale / (len(prompts) if self.combine == "mean" else 1)
         out = []
         for start in range(0, len(self.images), self.batch):
             self._restore(seed, start)
@@ -191,7 +199,7 @@ class LeditsEditor:
             if self.captions is not None:
                 base = self.captions[start]
                 edit = [self.rewrite(p, base) for p in prompts]
-            res = self.pipe(editing_prompt=edit, negative_prompt=base, edit_guidance_scale=self.edit_guidance_scale,
+            res = self.pipe(editing_prompt=edit, negative_prompt=base, edit_guidance_scale=scale,
                             edit_threshold=self.edit_threshold, output_type="pt", return_dict=True)
             out.append(res.images.float().cpu().clamp(0, 1))
         self.edits += 1

@@ -232,7 +232,8 @@ class DiffExModule(_Explainer):
             averaged per keyword; ``beam_size``, ``top_k``: the beam search.
         steps, skip, edit_guidance_scale, edit_threshold, scheduler: LEDITS++ (chosen on the val split,
             benchmarks/diffex.py); ``context``: in-context edits (the scenes captioned by the reader, each keyword
-            put into the caption; ``featinv.explain.ledits``).
+            put into the caption; ``featinv.explain.ledits``); ``combine``: a family's keywords as one edit,
+            their guidance summed (LEDITS++) or averaged (``LeditsEditor``).
         score_all_leaves: also score keywords outside the beam (needed for the oracle Spearman).
         used_threshold: oracle |Delta| above which a factor counts as used by the classifier.
         methods: ``diffex`` (LEDITS++) and ``oracle`` (renderer edits).
@@ -244,8 +245,8 @@ class DiffExModule(_Explainer):
     def __init__(self, sd: str = "shapes-sd", hierarchy: str = "configs/explain/hierarchy_shapes.yaml",
                  split: str = "test", n_images: int = 24, seeds: list[int] | None = None, beam_size: int = 3,
                  top_k: int = 5, steps: int = 20, skip: float = 0.1, edit_guidance_scale: float = 10.0,
-                 edit_threshold: float = 0.75, context: bool = False, scheduler: str = "dpmsolver++",
-                 score_all_leaves: bool = True,
+                 edit_threshold: float = 0.75, context: bool = False, combine: str = "sum",
+                 scheduler: str = "dpmsolver++", score_all_leaves: bool = True,
                  used_threshold: float = 0.05, methods: list[str] | None = None, seed: int = 0, batch: int = 64,
                  examples: int = 6, classifiers: dict | None = None, editor=None):
         super().__init__(classifiers)
@@ -261,8 +262,10 @@ class DiffExModule(_Explainer):
         self.seeds = [int(s) for s in (seeds if seeds is not None else [0, 1])]
         self.seed, self.batch, self.examples = int(seed), int(batch), int(examples)
         self.search = dict(beam_size=beam_size, top_k=top_k, score_all_leaves=score_all_leaves)
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
         self.ledits = dict(steps=steps, skip=skip, edit_guidance_scale=edit_guidance_scale,
-                           edit_threshold=edit_threshold)
+                           edit_threshold=edit_threshold, combine=combine)
         self.context = bool(context)
         if self.context:  # every prompt must go into a caption, or the run would stop at its first edit
             bad = sorted({p for n in self.hierarchy.leaves for p in n.prompts} - set(SO.partial_captions()))
