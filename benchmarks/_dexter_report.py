@@ -43,6 +43,16 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                           f" / {_f(s.get('sweep_run_f1', float('nan')))}",
                           f"{_f(s['run_precision'])} / {_f(s['run_recall'])}", s["class_word"],
                           s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
+    rule = val.get("rule", "sweep")  # the counterfactual rule of the criteria (--phase val-rule; else sweep)
+    if "rule_summary" in val:
+        m = val["rule_meta"]
+        L.append(f"\nCounterfactual rule, chosen on the same validation classes with the chosen config "
+                 f"(`{m['command']}`, commit `{m['commit']}`, {m['seconds']} s; mean activation "
+                 f"{val['rule_activation']:.2f}): the higher run-level bias F1.\n")
+        L.append(_table(["rule", "bias P / R / F1 (run)", "bias P / R (classifier)"],
+                        [[r, f"{_f(x['run_precision'])} / {_f(x['run_recall'])} / {_f(x['run_f1'])}",
+                          f"{_f(x['clf_precision'])} / {_f(x['clf_recall'])}"] for r, x in val["rule_summary"].items()]))
+        L.append(f"\nChosen: {rule} rule.\n")
     if val.get("guided"):
         L.append("\nGuided AM (25 steps, 32 images per class) success on validation by weight: "
                  + ", ".join(f"w={w}: {v:.2f}" for w, v in val["guided"].items()) + "\n")
@@ -51,7 +61,9 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     if dex:
         act = np.array([r["activation_score"] for r in dex])
         frame = bias_prf(dex)
-        prf = bias_prf(dex, "sweep_")
+        prf = bias_prf(dex, rule + "_")
+        other = "contrast" if rule == "sweep" else "sweep"
+        oprf = bias_prf(dex, other + "_") if other + "_flags" in dex[0] else None
         unb = [r for r in dex if not r["bias_factor"]]
         cw = float(np.mean([r["class_word"] for r in unb])) if unb else float("nan")
         am = {m: float(np.mean([r[f"{m}_success"] for r in dex])) for m in ("pixel", "fourier", "guided")
@@ -62,11 +74,17 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                 ["activation score above every AM baseline's success rate",
                  f"{act.mean():.2f} vs " + ", ".join(f"{m} {v:.2f}" for m, v in am.items()),
                  _f(bool(am) and all(act.mean() > v for v in am.values()))],
-                ["bias precision >= 0.75 (classifier level, sweep rule)", _f(prf["clf_precision"]),
+                [f"bias precision >= 0.75 (classifier level, {rule} rule)", _f(prf["clf_precision"]),
                  _f(prf["clf_precision"] >= 0.75)],
-                ["bias recall >= 0.75 (classifier level, sweep rule)", _f(prf["clf_recall"]), _f(prf["clf_recall"] >= 0.75)],
-                ["bias precision / recall (run level, sweep rule)", f"{_f(prf['run_precision'])} / {_f(prf['run_recall'])}",
-                 _f(prf["run_precision"] >= 0.75 and prf["run_recall"] >= 0.75)],
+                [f"bias recall >= 0.75 (classifier level, {rule} rule)", _f(prf["clf_recall"]),
+                 _f(prf["clf_recall"] >= 0.75)],
+                [f"bias precision / recall (run level, {rule} rule)", f"{_f(prf['run_precision'])} / {_f(prf['run_recall'])}",
+                 _f(prf["run_precision"] >= 0.75 and prf["run_recall"] >= 0.75)]]
+        if oprf is not None:
+            hold += [[f"bias precision / recall (classifier level, {other} rule, not chosen)",
+                      f"{_f(oprf['clf_precision'])} / {_f(oprf['clf_recall'])}",
+                      _f(oprf["clf_precision"] >= 0.75 and oprf["clf_recall"] >= 0.75)]]
+        hold += [
                 ["bias precision / recall (classifier level, frame rule)",
                  f"{_f(frame['clf_precision'])} / {_f(frame['clf_recall'])}",
                  _f(frame["clf_precision"] >= 0.75 and frame["clf_recall"] >= 0.75)],
@@ -75,24 +93,26 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
         L.append("\nReader check (the independent shapes reader reads the class value in the images): DEXTER "
                  f"prompt samples {np.mean([r['reader_class'] for r in dex]):.2f}; "
                  + ", ".join(f"{m} AM {v:.2f}" for m, v in amr.items()) + ".\n")
-        L.append("Two reporter rules (featinv/explain/reporter.py). *Frame rule* (the issue's): a non-class factor "
+        L.append("Reporter rules (featinv/explain/reporter.py). *Frame rule* (the issue's): a non-class factor "
                  "whose top value's share of the saved frames exceeds its base rate (1 / #values) by >= 0.3. "
                  "*Sweep rule* (counterfactual): the final prompt sampled with each non-class factor's words set to "
                  "each of its values (same seeds), frames = the samples the classifier assigns to the class, base "
                  "rate = the value's share (as read) of all the sweep's samples; the frames of one prompt share its "
-                 "words, so the frame rule flags every factor the prompt names.\n")
-        L.append(f"Bias counts (sweep rule): run level TP {prf['run_tp']}, FP {prf['run_fp']}, FN {prf['run_fn']}; "
+                 "words, so the frame rule flags every factor the prompt names. *Contrast rule* (the same sweep): "
+                 "the classifier's hit rate per value (as read, values read >= 4 times); flagged if the most and "
+                 "least accepted values differ by >= 0.5 (not diluted when the classifier accepts several values).\n")
+        L.append(f"Bias counts ({rule} rule): run level TP {prf['run_tp']}, FP {prf['run_fp']}, FN {prf['run_fn']}; "
                  f"classifier level (a factor flagged in >= half of a classifier's runs) TP {prf['clf_tp']}, "
                  f"FP {prf['clf_fp']}, FN {prf['clf_fn']}. Frame rule: run level TP {frame['run_tp']}, "
                  f"FP {frame['run_fp']}, FN {frame['run_fn']}.\n")
         # per run
         L.append("## Test runs (DEXTER)\n")
         cols = ["classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames",
-                "flags (sweep)", "flags (frames)", "class word", "pixel", "fourier", "guided", "s"]
+                "flags (sweep)", "flags (contrast)", "flags (frames)", "class word", "pixel", "fourier", "guided", "s"]
         L.append(_table(cols, [[r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"
                                                                     if r["bias_factor"] else "-"),
                                 r["words"], r["activation_score"], r["reader_class"], r["n_frames"],
-                                r.get("sweep_flags") or "-", r["flags"] or "-",
+                                r.get("sweep_flags") or "-", r.get("contrast_flags") or "-", r["flags"] or "-",
                                 r["class_word"], r.get("pixel_success", float("nan")),
                                 r.get("fourier_success", float("nan")), r.get("guided_success", float("nan")),
                                 r["seconds"]] for r in dex]))

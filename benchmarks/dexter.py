@@ -153,6 +153,7 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
                **_flags(res.report, truth, truth_value, ""),
                class_word=_contains(list(res.words), class_words(factor, value)),
                **(_flags(res.sweep, truth, truth_value, "sweep_") if res.sweep else {}),
+               **(_flags(res.contrast, truth, truth_value, "contrast_") if res.contrast else {}),
                steps_run=len(res.trace), seconds=round(res.seconds, 1))
     if mode == "diffexplainer":
         row["activation_score_words"] = res.activation_words["score"]
@@ -176,8 +177,8 @@ def _contains(words, phrase):
 def bias_prf(rows: list[dict], prefix: str = "") -> dict:
     """Run level: TP = a biased classifier's run flags its bias factor; FP = every other flagged factor;
     FN = a biased run that misses it. Classifier level: a factor counts as flagged for a classifier if
-    flagged in the majority (>= half) of its runs. ``prefix``: "" the frame rule, "sweep_" the
-    counterfactual rule (``reporter.sweep_report``)."""
+    flagged in the majority (>= half) of its runs. ``prefix``: "" the frame rule, "sweep_" / "contrast_" the
+    counterfactual rules (``reporter.sweep_report`` / ``reporter.contrast_report``)."""
     tp = sum(1 for r in rows if r["bias_factor"] and r[prefix + "bias_found"] is True)
     fn = sum(1 for r in rows if r["bias_factor"] and r[prefix + "bias_found"] is not True)
     fp = sum(r[prefix + "false_flags"] for r in rows)
@@ -213,7 +214,7 @@ def classifier_meta() -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["val", "test"], required=True)
+    ap.add_argument("--phase", choices=["val", "val-rule", "test"], required=True)
     ap.add_argument("--parts", default="dexter,baselines", help="comma list of dexter, baselines, diffexplainer")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="validation: configs to try")
     ap.add_argument("--out", default="benchmarks/results/dexter")
@@ -233,7 +234,7 @@ def main():
     prior, reader, mlm, load_clf = load_world(a.smoke)
     split = split_classes(a.seed)
     names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
-    items = [(n, k) for n in names for k in split[n][a.phase]]
+    items = [(n, k) for n in names for k in split[n]["val" if a.phase == "val-rule" else a.phase]]
     parts = a.parts.split(",")
     clfs = {n: load_clf(n).to(prior.device) for n in names}
     command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
@@ -242,6 +243,8 @@ def main():
                 torch=torch.__version__, split=split)
     if a.phase == "val":
         return validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
+    if a.phase == "val-rule":
+        return validate_rule(a, prior, reader, mlm, clfs, items, meta, t_start)
     return test(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
 
 
@@ -285,6 +288,31 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
     Path(a.out + "_val.json").write_text(json.dumps(out, indent=1))
     _csv(rows, a.out + "_val.csv")
     print(f"chosen: {best} {CONFIGS[best]}; guided weight {best_w}")
+
+
+RULES = ("sweep", "contrast")  # counterfactual reporter rules; the first wins ties
+
+
+def validate_rule(a, prior, reader, mlm, clfs, items, meta, t_start):
+    """After ``--phase val``: the chosen config's runs on the validation classes read by both counterfactual
+    rules (one sweep, two reports); the rule with the higher run-level bias F1 is added to ``<out>_val.json``
+    and used by ``--phase test`` for the criteria (the other is reported beside it)."""
+    path = Path(a.out + "_val.json")
+    if not path.exists():
+        sys.exit(f"{path} not found: run --phase val first")
+    val = json.loads(path.read_text())
+    rows = []
+    for name, k in items:
+        row, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, val["config"], "dexter", a.seed)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {r: bias_prf(rows, r + "_") for r in RULES}
+    rule = max(RULES, key=lambda r: (summary[r]["run_f1"], -RULES.index(r)))
+    val.update(rule=rule, rule_summary=summary, rule_meta={**meta, "seconds": round(time.time() - t_start)},
+               rule_activation=float(np.mean([r["activation_score"] for r in rows])))
+    path.write_text(json.dumps(val, indent=1))
+    _csv(rows, a.out + "_val_rule.csv")
+    print("rule:", rule, {r: {k: summary[r][k] for k in ("run_precision", "run_recall", "run_f1")} for r in RULES})
 
 
 def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):

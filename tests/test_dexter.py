@@ -13,7 +13,7 @@ from torch import nn
 from featinv.explain.dexter import DexterConfig, dexter, gumbel_softmax_hard, update_pseudo_labels
 from featinv.explain.diffexplainer import DiffExplainerConfig, diffexplainer
 from featinv.explain.prompt import SlotTextEncoder, Template
-from featinv.explain.reporter import read_frames, report, sweep_report
+from featinv.explain.reporter import contrast_report, read_frames, report, sweep_report
 from featinv.explain.score import ClassTarget, activation_score
 from featinv.explain.unrolled import unrolled_sample
 
@@ -323,6 +323,30 @@ def test_sweep_report_flags_what_the_classifier_prefers_not_what_the_prompt_name
         sweep_report({"color": color}, {"color": color[:5] == 2}, factors, "shape")
 
 
+def test_contrast_report_flags_a_bias_the_share_of_hits_dilutes():
+    """A 9-valued position: the classifier accepts the planted value and the 5 values no other class is tied
+    to, and rejects the 3 positions of other classes. The share-of-hits excess (1/6 - 1/9) stays under 0.3; the
+    hit-rate contrast is 1. A factor the classifier ignores (its hits independent of the value) is not flagged."""
+    pos = [f"p{i}" for i in range(9)]
+    factors = {"shape": ["square", "circle"], "position": pos, "color": ["red", "green", "blue"]}
+    n = 9 * 16
+    position = torch.arange(n) % 9
+    color = torch.arange(n) % 3
+    readings = {"position": position, "color": color}
+    hits = {"position": position < 6, "color": (torch.arange(n) // 3) % 2 == 0}  # colour: half of each value
+    assert not sweep_report(readings, hits, factors, "shape").flags  # diluted: 1/6 - 1/9 < 0.3
+    rep = contrast_report(readings, hits, factors, "shape")
+    assert [(f.factor, f.frequency, f.base_rate, f.excess) for f in rep.flags] == [("position", 1.0, 0.0, 1.0)]
+    assert rep.frequencies["color"] == {"red": 0.5, "green": 0.5, "blue": 0.5} and rep.rule == "contrast"
+    assert "depends on" in rep.text() and rep.rows()[0][:5] == ["position", "p0", 1.0, 0.0, 1.0]
+    # values read fewer than min_count times are left out: one stray rejected sample is no contrast
+    stray = {"position": torch.where(torch.arange(n) == 0, 8, 0), "color": color}
+    assert not contrast_report(stray, {"position": torch.arange(n) != 0, "color": hits["color"]}, factors,
+                               "shape").flags
+    with pytest.raises(ValueError, match="readings"):
+        contrast_report({"color": color}, {"color": color[:5] == 2}, factors, "shape")
+
+
 def test_slot_variants_sweep_one_factor_and_keep_the_rest():
     from featinv.explain.shapes import slot_variants
 
@@ -425,6 +449,7 @@ def test_featinv_predict_writes_records_and_resume_skips_them(registered, tmp_pa
         assert 0 <= r["activation_score"] <= 1 and math.isfinite(r["activation_mean_value"])
         assert isinstance(r["report"], str) and isinstance(r["flags"], list) and len(r["distances"]) == 3
         assert isinstance(r["sweep_report"], str) and isinstance(r["sweep_flags"], list)  # the counterfactual rule
+        assert isinstance(r["contrast_report"], str) and isinstance(r["contrast_flags"], list)
         assert (out / r["image"]).exists()
     assert json.loads((out / "run.json").read_text())["methods"]["dexter"]["steps"] == 3
     assert list((out / "wandb").glob("offline-run-*"))

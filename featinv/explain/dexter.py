@@ -89,6 +89,7 @@ class DexterResult:
     activation: dict = field(default_factory=dict)  # run_dexter: activation score of ``prompt`` (+ its samples)
     report: object = None  # run_dexter with a reader: featinv.explain.reporter.Report
     sweep: object = None  # run_dexter with a reader and ``variants``: reporter.sweep_report's Report
+    contrast: object = None  # the same sweep read by reporter.contrast_report
 
 
 def gumbel_softmax_hard(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -235,7 +236,8 @@ def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template,
     -> {factor: (values, confidence)}``) and the world's ``factors``, report over-represented factors.
 
     ``variants`` (``words -> {factor: [words, ...]}``, e.g. ``featinv.explain.shapes.slot_variants``) adds
-    the counterfactual report ``sweep`` (``reporter.sweep_report``): ``sweep_samples`` samples of every
+    the counterfactual reports ``sweep`` (``reporter.sweep_report``) and ``contrast``
+    (``reporter.contrast_report``) of one sweep: ``sweep_samples`` samples of every
     variant of the final words, the same seeds for all. ``config_overrides`` replace fields of ``config``
     (e.g. ``steps=50``).
     """
@@ -256,9 +258,9 @@ def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template,
         res.report = report(read_frames(reader, res.frames), factors, class_factor, threshold=threshold,
                             base_rates=base_rates)
         if variants is not None:
-            res.sweep = slot_sweep(prior, target, enc, variants(res.words), reader, factors, class_factor,
-                                   n=sweep_samples, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                                   seed=20_000 + cfg.seed, threshold=threshold)
+            res.sweep, res.contrast = slot_sweep(prior, target, enc, variants(res.words), reader, factors,
+                                                 class_factor, n=sweep_samples, steps=cfg.sample_steps,
+                                                 cfg_scale=cfg.cfg_scale, seed=20_000 + cfg.seed, threshold=threshold)
     return res
 
 
@@ -266,10 +268,11 @@ def run_dexter(prior, classifier, target_class: int, *, mlm, template: Template,
 def slot_sweep(prior, target, encoder: SlotTextEncoder, variants: dict[str, list[list[str]]], reader,
                factors: dict[str, list[str]], class_factor: str | None, *, n: int, steps: int, cfg_scale: float,
                seed: int, threshold: float = 0.3):
-    """The counterfactual report (``reporter.sweep_report``): ``n`` samples of each variant of the final
-    words (noise of sample i from seed ``seed + i`` for every variant), read by ``reader`` and scored by
-    ``target``. A variant shared by several factors' sweeps (the final words themselves) is sampled once."""
-    from featinv.explain.reporter import read_frames, sweep_report
+    """The counterfactual reports (``reporter.sweep_report``, ``reporter.contrast_report`` at its own
+    threshold): ``n`` samples of each variant of the final words (noise of sample i from seed ``seed + i`` for
+    every variant), read by ``reader`` and scored by ``target``. A variant shared by several factors' sweeps
+    (the final words themselves) is sampled once."""
+    from featinv.explain.reporter import contrast_report, read_frames, sweep_report
     from featinv.explain.score import sample_from
 
     done: dict[tuple[str, ...], tuple[torch.Tensor, dict]] = {}
@@ -286,4 +289,5 @@ def slot_sweep(prior, target, encoder: SlotTextEncoder, variants: dict[str, list
         parts = [scored(words) for words in word_lists]
         hits[factor] = torch.cat([h for h, _ in parts])
         readings[factor] = torch.cat([r[factor] for _, r in parts])
-    return sweep_report(readings, hits, factors, class_factor, threshold=threshold)
+    return (sweep_report(readings, hits, factors, class_factor, threshold=threshold),
+            contrast_report(readings, hits, factors, class_factor))

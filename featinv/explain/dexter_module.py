@@ -235,7 +235,8 @@ class DexterModule(AnalysisModule):
         rec["class_word_in_prompt"] = _contains(list(res.words), cw)
         truth = batch["bias_factor"][b] or None
         rec["bias_factor"] = truth
-        for prefix, rep in (("", res.report), ("sweep_", getattr(res, "sweep", None))):
+        for prefix, rep in (("", res.report), ("sweep_", getattr(res, "sweep", None)),
+                            ("contrast_", getattr(res, "contrast", None))):
             if rep is None:
                 continue
             rec.update({prefix + "report": rep.text(), prefix + "flags": [f"{f.factor}={f.value}" for f in rep.flags],

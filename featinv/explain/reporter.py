@@ -13,7 +13,11 @@ among them whether or not the classifier depends on it. ``sweep_report`` is the 
 same rule: for each non-class factor, the final prompt is sampled with that factor's words swept over all
 its values (same seeds); the frames are the samples the classifier assigns to the class, and the base rate
 is each value's frequency (as read) among all the sweep's samples - a value is over-represented only if
-the classifier prefers it.
+the classifier prefers it. ``contrast_report`` reads the same sweep by the classifier's hit rate per value:
+a factor is flagged if the hit rate of its most and least accepted values differ by ``threshold`` (0.5).
+The share-of-hits excess is diluted when the classifier accepts several values: a biased classifier that
+assigns the class at the planted position and at the five positions no class is tied to gives that position
+a share of about 1/6 (excess 1/6 - 1/9), but a hit-rate contrast near 1 against the positions of other classes.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Flag", "Report", "report", "sweep_report", "read_frames"]
+__all__ = ["Flag", "Report", "report", "sweep_report", "contrast_report", "read_frames"]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Report:
     flags: list[Flag] = field(default_factory=list)
     frequencies: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> share of frames
     base_rates: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> base rate
+    rule: str = "frames"  # frames / sweep: share vs base rate; contrast: frequencies = hit rate per value
 
     @property
     def flagged_factors(self) -> list[str]:
@@ -52,6 +57,10 @@ class Report:
             return "no frame was classified as the target: nothing to report"
         if not self.flags:
             return f"{self.n_frames} frames; no factor besides the class is over-represented"
+        if self.rule == "contrast":
+            parts = [f"{f.value} {f.factor} (the class on {f.frequency:.0%} of its samples vs {f.base_rate:.0%} for "
+                     f"the least accepted {f.factor})" for f in self.flags]
+            return f"{self.n_frames} frames; the classifier's decision depends on " + "; ".join(parts) + ": possible bias"
         parts = [f"{f.value} {f.factor} ({f.frequency:.0%} of frames vs {f.base_rate:.0%} base rate)" for f in self.flags]
         return f"{self.n_frames} frames over-represent " + "; ".join(parts) + ": possible bias"
 
@@ -63,7 +72,7 @@ class Report:
             if not freq:
                 continue
             v, p = max(freq.items(), key=lambda kv: kv[1])
-            base = self.base_rates[k][v]
+            base = min(freq.values()) if self.rule == "contrast" else self.base_rates[k][v]
             out.append([k, v, round(p, 4), round(base, 4), round(p - base, 4), k in flagged])
         return out
 
@@ -119,6 +128,36 @@ def sweep_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Tensor
         counts = torch.bincount(r[h], minlength=len(values)).double() / int(h.sum())
         rep.frequencies[k] = {v: round(float(c), 6) for v, c in zip(values, counts)}
         _flag(rep, k, values, counts, base, threshold)
+    return rep
+
+
+def contrast_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Tensor], factors: dict[str, list[str]],
+                    class_factor: str | None, *, threshold: float = 0.5, min_count: int = 4) -> Report:
+    """The counterfactual rule by hit-rate contrast (module docstring), on ``sweep_report``'s inputs. For each
+    swept factor k, the classifier's hit rate among the samples read with each value (values read at least
+    ``min_count`` times); k is flagged if the highest and lowest rates differ by ``threshold``, with the most
+    accepted value. ``frequencies[k]`` = hit rate per value, ``base_rates[k]`` = each value's share of the
+    samples; a flag's frequency / base_rate / excess = highest rate / lowest rate / their difference."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
+                 threshold=threshold, rule="contrast")
+    for k, values in factors.items():
+        if k == class_factor or k not in readings:
+            continue
+        r, h = readings[k].long(), hits[k].bool()
+        if len(r) != len(h):
+            raise ValueError(f"{k}: {len(r)} readings but {len(h)} hits")
+        n = torch.bincount(r, minlength=len(values))
+        rep.base_rates[k] = {v: round(float(c) / max(len(r), 1), 6) for v, c in zip(values, n)}
+        hit = torch.bincount(r[h], minlength=len(values)).double()
+        rate = {v: float(hit[j] / n[j]) for j, v in enumerate(values) if int(n[j]) >= min_count}
+        rep.frequencies[k] = {v: round(x, 6) for v, x in rate.items()}
+        if len(rate) < 2:
+            continue
+        hi, lo = max(rate, key=rate.get), min(rate, key=rate.get)
+        if rate[hi] - rate[lo] >= threshold - 1e-9:
+            rep.flags.append(Flag(k, hi, rate[hi], rate[lo], rate[hi] - rate[lo]))
     return rep
 
 
