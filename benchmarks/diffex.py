@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from _common import commit  # noqa: E402
 
 from featinv.explain import shapes_oracles as SO  # noqa: E402
-from featinv.explain.diffex import EditScorer, Hierarchy, compare, edit_quality, run_diffex  # noqa: E402
+from featinv.explain.diffex import EditScorer, Hierarchy, compare, edit_quality, run_diffex, spearman  # noqa: E402
 from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline  # noqa: E402
 from featinv.explain.plots import keyword_bars  # noqa: E402
 from featinv.viz import comparison_grid, save_png  # noqa: E402
@@ -243,6 +243,10 @@ def report(m):
         lines.append(f"| {r['classifier']} | {', '.join(p for p in r['planted'] if p)} | {', '.join(r['used'])} | "
                      f"{', '.join(r['top_factors'])} | {_f([r['recall']])} | {_f([r['spearman']])} | {r['true_child']} | "
                      f"{r['diffex_top']} | {r['parent_in_beam']} |")
+    tol = [spearman_tied(r["diffex_all"], r["oracle_all"]) for r in rows]
+    lines += ["", f"Most oracle Deltas of a classifier that uses one factor are ~0, so the Spearman above also ranks "
+              f"noise. Read beside it (not a criterion): with every |Delta| < {TIE} set to 0 on both sides (ties), "
+              f"Spearman {_f(tol)} (mean {_mean(tol)}).\n"]
     lines += ["", "## Edit quality per factor (reader)\n",
               "Leaked into: the share of the factor's edits that changed each other factor (an edit may change several).\n",
               "| factor | edits | success | leakage | leaked into |", "|---|---|---|---|---|"]
@@ -258,6 +262,16 @@ def _f(xs):
     return ", ".join("n/a" if v is None else f"{v:.2f}" for v in xs)
 
 
+TIE = 0.01  # |Delta| below which a keyword's Delta reads as 0 in spearman_tied
+
+
+def spearman_tied(d: dict, o: dict) -> float | None:
+    """Spearman of two keyword -> Delta maps with every |Delta| < TIE set to 0 (ties) on both sides."""
+    keys = sorted(o)
+    z = lambda v: 0.0 if abs(v) < TIE else v  # noqa: E731
+    return spearman([z(d[k]) for k in keys], [z(o[k]) for k in keys])
+
+
 def _mean(xs):
     xs = [v for v in xs if v is not None]
     return f"{np.mean(xs):.2f}" if xs else "n/a"
@@ -265,7 +279,8 @@ def _mean(xs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["val", "val-combine", "test"], default="test")
+    ap.add_argument("--phase", choices=["val", "val-combine", "test", "render"], default="test",
+                    help="render: rewrite OUT.md from a test run's OUT.json (no editing)")
     ap.add_argument("--sd", default="shapes-sd")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--hierarchy", default=str(ROOT / "configs" / "explain" / "hierarchy_shapes.yaml"))
@@ -297,6 +312,13 @@ def main():
     t0, c0 = time.time(), time.process_time()
     meta = dict(commit=commit(), command="python " + " ".join(sys.argv), hierarchy=a.hierarchy,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
+    if a.phase == "render":
+        m = json.loads(Path(a.out + ".json").read_text())
+        md = report(m).replace("{wall}", f"{m['wall_minutes']} min wall, {m['cpu_minutes']} min CPU (load average at "
+                               f"the end {m['load_average']}: the cores were shared)")
+        Path(a.out + ".md").write_text(md)
+        print(md)
+        return
     h, reader = Hierarchy.from_yaml(a.hierarchy), SO.factor_reader(a.weights)
     pipe = load_ledits_pipeline(sd_dir(a), scheduler=a.scheduler)
     if a.phase == "val-combine":
