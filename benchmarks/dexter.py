@@ -1,6 +1,7 @@
 """DEXTER / DiffExplainer on the shapes world's target classifiers, against activation maximisation.
 
     python benchmarks/dexter.py --phase val      # choose hyper-parameters on the validation classes
+    python benchmarks/dexter.py --phase val-rule # then the counterfactual reporter rule (sweep / contrast)
     python benchmarks/dexter.py --phase test     # report with the chosen ones on the test classes
     python benchmarks/dexter.py --phase val --smoke --quick --limit 1   # CI-sized plumbing check (random models)
 
@@ -20,7 +21,9 @@ Validation: every config of ``CONFIGS`` (and the guided baseline's weights) on t
 the chosen config maximises mean activation score + bias-detection F1 (run level, counterfactual rule:
 ``reporter.sweep_report``, ``SWEEP_SAMPLES`` samples per variant prompt; the frame rule's numbers are
 reported beside it); written to
-``<out>_val.json``, which ``--phase test`` reads. Outputs: ``<out>.md`` (tables stamped with commit,
+``<out>_val.json``, which ``--phase test`` reads; ``--phase val-rule`` then reads the chosen config's
+validation runs by both counterfactual rules (``reporter.sweep_report`` / ``contrast_report``) and adds the
+one with the higher run-level F1 (the test criteria use it; the other is reported beside it). Outputs: ``<out>.md`` (tables stamped with commit,
 command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``, ``<out>_grid.png``.
 """
 from __future__ import annotations

@@ -3,6 +3,7 @@
     python benchmarks/diffex.py --phase val      # choose the edit mode, LEDITS++ guidance, threshold, skip, steps
     python benchmarks/diffex.py --phase val-combine  # then how a family's keywords make one edit (sum / mean)
     python benchmarks/diffex.py                  # test: 8 single-object classifiers, 24 scenes x 2 seeds
+    python benchmarks/diffex.py --phase render   # rewrite OUT.md from a test run's OUT.json
 
 Validation: every hierarchy keyword edited on the first ``n_val`` val scenes (seed 0) for each LEDITS++
 setting and edit mode (``--val-context``: 0 = DiffEx's bare keyword prompt, 1 = in-context edits, the
@@ -99,7 +100,7 @@ def validate(a, meta, h, pipe, reader):
         run(steps=st, skip=best["skip"], edit_guidance_scale=best["edit_guidance_scale"],
             edit_threshold=best["edit_threshold"], context=best["context"])
     best = pick(rows)
-    chosen = {k: best[k] for k in KEYS}
+    chosen = {k: best[k] for k in KEYS if k in best}  # combine: stage 3 (--phase val-combine)
     meta.update(phase="val", n=a.n_val, grid=rows, chosen=chosen)
     lines = ["# DiffEx editor (LEDITS++ on zoo:shapes-sd): choice of its hyper-parameters on validation scenes\n",
              f"{a.n_val} val scenes x {len(h.leaves)} keywords, seed 0, scheduler {a.scheduler}; commit "
@@ -154,8 +155,10 @@ def validate_combine(a, meta, h, pipe, reader):
              "| combine | success | leakage | s |", "|---|---|---|---|"]
     lines += [f"| {r['combine']} | {r['success']:.3f} | {r['leakage']:.3f} | {r['seconds']} |" for r in rows]
     lines += ["", f"Chosen: combine = {best['combine']}."]
-    with open(a.out + "_val.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
+    md = Path(a.out + "_val.md")
+    text = md.read_text() if md.exists() else ""
+    text = text.split("\n## Stage 3: family edits")[0].rstrip("\n") + "\n"  # a rerun replaces its section
+    md.write_text(text + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -251,7 +254,8 @@ def report(m):
               "Leaked into: the share of the factor's edits that changed each other factor (an edit may change several).\n",
               "| factor | edits | success | leakage | leaked into |", "|---|---|---|---|---|"]
     lines += [f"| {f} | {v['edits']} | {v['success']:.3f} | {v['leakage']:.3f} | "
-              + ", ".join(f"{g} {r:.2f}" for g, r in sorted(v["leaked_into"].items(), key=lambda gr: -gr[1]) if r > 0)
+              + ", ".join(f"{g} {r:.2f}" for g, r in sorted(v.get("leaked_into", {}).items(), key=lambda gr: -gr[1])
+                        if r > 0)
               + " |" for f, v in q["per_factor"].items()]
     lines += ["", "Figures: `diffex_<classifier>.png` (keyword Deltas, DiffEx vs oracle), `diffex_grid.png` (rows: "
               "scenes, then edits to circle, star, red, blue, large, top left, white background; seed 0)."]

@@ -124,6 +124,38 @@ def test_edit_quality_counts_success_and_leakage_on_non_trivial_edits():
     assert qf["per_factor"]["size"] == q["per_factor"]["size"]
 
 
+def test_edit_quality_judges_a_family_edit_by_any_of_its_values():
+    """A family (level-1 node) succeeds on an image outside it when the judge reads any of its values -- here
+    the second one; images already in the family are not judged; a family mixing factors is refused."""
+    h = Hierarchy.from_dict({"categories": {"color": {"items": {"warm": ["red", "orange"]}},
+                                            "mixed": {"items": {"m": ["red", "small"]}}}})
+    value = {"red": ("color", 0), "orange": ("color", 1), "small": ("size", 0)}
+
+    class ToOrange:  # every family edit paints the colour pixel 1 (orange); image 3 also loses its size (leak)
+        def edit(self, prompts, seed=0):
+            x = orig.clone()
+            x[:, 0, 0, 0] = 1
+            x[3, 0, 0, 1] = 0
+            return x
+
+    orig = torch.zeros(4, 1, 1, 2)
+    orig[:, 0, 0, 0] = torch.tensor([0.0, 2.0, 3.0, 4.0])  # red (in the family), green, blue, purple
+    orig[:, 0, 0, 1] = 1
+    s = EditScorer(ToOrange(), toy_score, orig, seeds=[0])
+    warm = h.level1[0]
+    s.images(warm, 0)
+
+    def read(x):
+        return {"color": x[:, 0, 0, 0].long(), "size": x[:, 0, 0, 1].long()}
+
+    q = edit_quality(s, orig, [warm], read, lambda k: value[k])
+    assert q["edits"] == 3 and q["success"] == 1.0 and q["leakage"] == pytest.approx(1 / 3)
+    assert q["per_factor"]["color"]["leaked_into"] == {"size": pytest.approx(1 / 3)}
+    s.images(h.level1[1], 0)
+    with pytest.raises(ValueError, match="mixes factors"):
+        edit_quality(s, orig, [h.level1[1]], read, lambda k: value[k])
+
+
 def test_renderer_oracle_explains_a_planted_colour_classifier():
     h = Hierarchy.from_yaml(ROOT / "configs" / "explain" / "hierarchy_shapes.yaml")
     x, rows = W.load_split("single", "val", 12)
@@ -322,7 +354,7 @@ def test_ledits_in_context_edits_use_each_caption_as_source_and_base(tiny_sd_dir
 def test_unmasked_unit_guidance_edit_samples_the_edited_caption_from_the_noise_maps(tiny_sd_dir):
     """edit_threshold=0, edit_guidance_scale=1: eps(caption) + (eps(edited) - eps(caption)) = eps(edited), i.e.
     the edited caption sampled from the caption's inversion (Huberman-Spiegelglas et al.'s edit); a mask that
-    kept less than everything, or a scale applied twice, would make the two differ."""
+    kept less than everything would make the two differ."""
     from featinv.explain.ledits import LeditsEditor, load_ledits_pipeline
 
     pipe = load_ledits_pipeline(tiny_sd_dir)

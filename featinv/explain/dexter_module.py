@@ -244,7 +244,9 @@ class DexterModule(AnalysisModule):
                         prefix + "bias_found": (truth in rep.flagged_factors) if truth else None,
                         prefix + "false_flags": sum(f != truth for f in rep.flagged_factors)})
             pred["tables"][f"{prefix}report/{dataset}_{index:04d}"] = (
-                ["factor", "top value", "frequency", "base rate", "excess", "flagged"], rep.rows())
+                (["factor", "most accepted value", "hit rate", "lowest hit rate", "contrast", "flagged"]
+                 if rep.rule == "contrast" else ["factor", "top value", "frequency", "base rate", "excess", "flagged"]),
+                rep.rows())
         pred["tables"][f"prompt_trace/{dataset}_{index:04d}"] = (trace_cols, [[r[c] for c in trace_cols] for r in res.trace])
         # images: frames (what the reporter read) and samples of the final prompt (the activation score's)
         samples = res.activation["images"]  # the activation score's samples of the final prompt

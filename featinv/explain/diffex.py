@@ -227,7 +227,7 @@ def edit_quality(scorer: EditScorer, originals: torch.Tensor, nodes: Sequence[No
     into: dict[str, dict[str, int]] = {}
     for node in nodes:
         fv = [leaf_value(c.keyword) for c in (node.children or (node,))]
-        factor, values = fv[0][0], torch.tensor([v for _, v in fv])
+        factor, values = fv[0][0], torch.tensor([v for _, v in fv], device=orig[fv[0][0]].device)
         if any(f != factor for f, _ in fv):
             raise ValueError(f"edit_quality: {node.name} mixes factors {sorted({f for f, _ in fv})}")
         need = ~torch.isin(orig[factor], values)

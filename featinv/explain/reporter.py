@@ -45,7 +45,8 @@ class Report:
     flags: list[Flag] = field(default_factory=list)
     frequencies: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> share of frames
     base_rates: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> value -> base rate
-    rule: str = "frames"  # frames / sweep: share vs base rate; contrast: frequencies = hit rate per value
+    rule: str = "frames"  # frames / sweep: share vs base rate; contrast: frequencies = hit rate per value,
+    # n_frames = the sweep's hits, rows() = (factor, most accepted value, its hit rate, lowest, contrast, flagged)
 
     @property
     def flagged_factors(self) -> list[str]:
@@ -56,6 +57,8 @@ class Report:
         if self.n_frames == 0:
             return "no frame was classified as the target: nothing to report"
         if not self.flags:
+            if self.rule == "contrast":
+                return f"{self.n_frames} hits; no swept factor moves the classifier's decision"
             return f"{self.n_frames} frames; no factor besides the class is over-represented"
         if self.rule == "contrast":
             parts = [f"{f.value} {f.factor} (the class on {f.frequency:.0%} of its samples vs {f.base_rate:.0%} for "
@@ -114,7 +117,7 @@ def sweep_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Tensor
     classifier assigns to the class. Flags k if a value's frequency among the hits exceeds its frequency
     among all N_k samples by ``threshold``; ``n_frames`` counts the hits over all sweeps."""
     rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
-                 threshold=threshold)
+                 threshold=threshold, rule="sweep")
     for k, values in factors.items():
         if k == class_factor or k not in readings:
             continue
