@@ -116,16 +116,9 @@ def sweep_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Tensor
     reader's value of k on every sample of the sweep over k's values, ``hits[k]`` (N_k,) bool the samples the
     classifier assigns to the class. Flags k if a value's frequency among the hits exceeds its frequency
     among all N_k samples by ``threshold``; ``n_frames`` counts the hits over all sweeps."""
-    rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
-                 threshold=threshold, rule="sweep")
-    for k, values in factors.items():
-        if k == class_factor or k not in readings:
-            continue
-        r, h = readings[k].long(), hits[k].bool()
-        if len(r) != len(h):
-            raise ValueError(f"{k}: {len(r)} readings but {len(h)} hits")
-        base = torch.bincount(r, minlength=len(values)).double() / max(len(r), 1)
-        rep.base_rates[k] = {v: round(float(b), 6) for v, b in zip(values, base)}
+    rep, swept = _sweep(readings, hits, factors, class_factor, threshold, "sweep")
+    for k, values, r, h, n in swept:
+        base = n.double() / max(len(r), 1)
         if not h.any():
             continue
         counts = torch.bincount(r[h], minlength=len(values)).double() / int(h.sum())
@@ -143,16 +136,8 @@ def contrast_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Ten
     samples; a flag's frequency / base_rate / excess = highest rate / lowest rate / their difference."""
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
-    rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
-                 threshold=threshold, rule="contrast")
-    for k, values in factors.items():
-        if k == class_factor or k not in readings:
-            continue
-        r, h = readings[k].long(), hits[k].bool()
-        if len(r) != len(h):
-            raise ValueError(f"{k}: {len(r)} readings but {len(h)} hits")
-        n = torch.bincount(r, minlength=len(values))
-        rep.base_rates[k] = {v: round(float(c) / max(len(r), 1), 6) for v, c in zip(values, n)}
+    rep, swept = _sweep(readings, hits, factors, class_factor, threshold, "contrast")
+    for k, values, r, h, n in swept:
         hit = torch.bincount(r[h], minlength=len(values)).double()
         rate = {v: float(hit[j] / n[j]) for j, v in enumerate(values) if int(n[j]) >= min_count}
         rep.frequencies[k] = {v: round(x, 6) for v, x in rate.items()}
@@ -162,6 +147,24 @@ def contrast_report(readings: dict[str, torch.Tensor], hits: dict[str, torch.Ten
         if rate[hi] - rate[lo] >= threshold - 1e-9:
             rep.flags.append(Flag(k, hi, rate[hi], rate[lo], rate[hi] - rate[lo]))
     return rep
+
+
+def _sweep(readings, hits, factors, class_factor, threshold: float, rule: str):
+    """The Report of a counterfactual rule, and per swept non-class factor (k, values, readings (N_k,),
+    hits (N_k,) bool, per-value counts), with each value's share of the samples as its base rate."""
+    rep = Report(n_frames=int(sum(int(h.sum()) for h in hits.values())), class_factor=class_factor,
+                 threshold=threshold, rule=rule)
+    swept = []
+    for k, values in factors.items():
+        if k == class_factor or k not in readings:
+            continue
+        r, h = readings[k].long(), hits[k].bool()
+        if len(r) != len(h):
+            raise ValueError(f"{k}: {len(r)} readings but {len(h)} hits")
+        n = torch.bincount(r, minlength=len(values))
+        rep.base_rates[k] = {v: round(float(c) / max(len(r), 1), 6) for v, c in zip(values, n)}
+        swept.append((k, values, r, h, n))
+    return rep, swept
 
 
 def _flag(rep: Report, factor: str, values: list[str], counts: torch.Tensor, base: torch.Tensor, threshold: float):
