@@ -1,4 +1,5 @@
 """Experiment (val only): does fine-tuning only the VAE *decoder* of ``zoo:shapes-sd`` lift its shape ceiling?
+(It did; the training stage ``shapes-vae-dec`` now makes shapes-sd's decoder this way: this script decided it.)
 
     HF_HUB_OFFLINE=1 python benchmarks/shapes_vae_decoder.py [--steps 2400] [--lr 3e-4] [--object-weight 10]
 
@@ -35,45 +36,8 @@ from featinv.zoo.shapes import reader as R  # noqa: E402
 from featinv.zoo.shapes import sd as S  # noqa: E402
 from featinv.zoo.shapes import train_sd  # noqa: E402
 from featinv.zoo.shapes import world as W  # noqa: E402
-from featinv.zoo.shapes.fit import cosine_lr  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def finetune_decoder(vae, steps: int, lr: float, object_weight: float, batch: int = 64, seed: int = 100, log=print):
-    """Train ``vae``'s decoder and post_quant_conv in place (encoder frozen); returns the final running loss."""
-    x, dil, boost = train_sd.vae_training_data(30000, 10000)  # the VAE stage's data and weights
-    weight = 1 + object_weight * dil * boost
-    vae.requires_grad_(False)
-    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    perm, pos, run, warmup, t0 = torch.randperm(len(x), generator=gen), 0, None, min(100, steps // 10), time.time()
-    for step in range(steps):
-        if pos + batch > len(perm):
-            perm, pos = torch.randperm(len(x), generator=gen), 0
-        idx = perm[pos:pos + batch]
-        pos += batch
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
-        vae.decoder.train()
-        with torch.no_grad():
-            z = vae.encode(x[idx]).latent_dist.sample(generator=gen)
-        rec = vae.decode(z).sample
-        err = (rec - x[idx]).pow(2) + (rec - x[idx]).abs()
-        loss = (weight[idx] * err).sum() / (weight[idx].sum() * 3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"decoder step {step + 1}/{steps} loss {run:.4f} ({time.time() - t0:.0f}s)")
-    vae.eval()
-    return run
 
 
 def main(argv=None) -> dict:
@@ -104,11 +68,13 @@ def main(argv=None) -> dict:
             out[f"generated_cfg{c:g}"] = single_acc(img, rc, reader)
         return out
 
-    res = dict(stored=scores(pipe.vae))
+    base = S.sd_dir("shapes-multi-sd") / "vae"  # the shapes-vae stage's VAE (shapes-sd's decoder is this fine-tune since)
+    res = dict(stored=scores(AutoencoderKL.from_pretrained(str(base), local_files_only=True).float().eval()))
     print("stored decoder:", res["stored"], flush=True)
-    vae = AutoencoderKL.from_pretrained(str(S.sd_dir("shapes-sd") / "vae"), local_files_only=True).float()
+    vae = AutoencoderKL.from_pretrained(str(base), local_files_only=True).float()
     enc_before = [p.detach().clone() for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()]]
-    final_loss = finetune_decoder(vae, args.steps, args.lr, args.object_weight)
+    final_loss = train_sd.finetune_vae_decoder(vae, steps=args.steps, lr=args.lr, object_weight=args.object_weight,
+                                               batch=64, seed=100, n_single=30000, n_multi=10000)["final_loss"]
     assert all(torch.equal(a, b) for a, b in zip(enc_before, [*vae.encoder.parameters(), *vae.quant_conv.parameters()]))
     half = S.half_copy(vae)
     half.save_pretrained(str(args.out), safe_serialization=True)

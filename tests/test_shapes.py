@@ -367,7 +367,8 @@ def test_training_stages_expand_in_order():
     from featinv.zoo.shapes import train as ST
 
     full = ST.expand(["shapes"])
-    assert full[:5] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-unet", "shapes-unet-ft"]
+    assert full[:6] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-vae-dec", "shapes-unet",
+                        "shapes-unet-ft"]
     assert full == list(ST.STAGES) and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
     assert ST.expand(["shapes-color", "shapes-reader"]) == ["shapes-reader", "shapes-color"]
     with pytest.raises(ValueError, match="unknown shapes stage"):
@@ -412,6 +413,30 @@ def test_training_cli_refuses_a_device_it_cannot_train_on(monkeypatch, capsys):
     monkeypatch.setitem(ST.RUNNERS, "shapes-color", lambda out, seed, c: seen.setdefault("color", "called") and {})
     res = ST.run(["shapes-unet", "shapes-color"], Path("/nonexistent"), scale=0.001, device="cuda")
     assert seen == {"shapes-sd": "cuda", "color": "called"} and res["shapes-unet"]["device"] == "cuda"
+
+
+def test_decoder_finetune_trains_the_decoder_and_keeps_every_latent(tmp_path):
+    """shapes-vae-dec: the decoder changes, the encoder, quant_conv and scaling factor do not, so the latent of
+    every image (what the UNets were trained on) is the same; the stage refuses a folder without shapes-vae's VAE."""
+    from diffusers import AutoencoderKL
+
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train as ST
+    from featinv.zoo.shapes import train_sd
+
+    vae = AutoencoderKL.from_pretrained(str(S.sd_dir("shapes-multi-sd") / "vae"), local_files_only=True).float()
+    x, _ = W.load_split("single", "test", 4)
+    with torch.no_grad():
+        z0 = vae.encode(x * 2 - 1).latent_dist.mean
+    dec0 = [p.detach().clone() for p in vae.decoder.parameters()]
+    info = train_sd.finetune_vae_decoder(vae, steps=2, lr=1e-3, object_weight=10.0, batch=4, seed=0, n_single=8,
+                                         n_multi=4, log=lambda *a: None)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x * 2 - 1).latent_dist.mean, z0)
+    assert any(not torch.equal(a, b) for a, b in zip(dec0, vae.decoder.parameters()))
+    assert info["steps"] == 2 and np.isfinite(info["final_loss"]) and info["trained"] == "decoder + post_quant_conv"
+    with pytest.raises(FileNotFoundError, match="run the shapes-vae stage into"):
+        ST.train_vae_decoder_stage(tmp_path, 0, ST.CONFIG["shapes-vae-dec"])
 
 
 def test_unet_stage_without_its_vae_says_where_to_get_it(tmp_path):

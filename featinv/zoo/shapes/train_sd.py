@@ -132,6 +132,67 @@ def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: floa
     return vae, info
 
 
+def finetune_vae_decoder(vae, *, steps: int, lr: float, object_weight: float, batch: int, seed: int,
+                         n_single: int, n_multi: int, log=print) -> dict:
+    """Train only ``vae``'s decoder and ``post_quant_conv`` in place, with the VAE's own object-weighted loss
+    and the small-object boost (pixel weight 1 + ``object_weight`` * dilated mask * boost) on the VAE's train
+    renders; encoder, ``quant_conv`` and scaling factor stay as they are (checked), so every latent a UNet
+    was trained on keeps its meaning. Warmup + cosine to 5 %, AdamW, grad-norm clip 1, data order and
+    posterior draws seeded with ``seed``. Returns the training record."""
+    x, dil, boost = vae_training_data(n_single, n_multi)
+    weight = 1 + object_weight * dil * boost
+    frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    before, scale = [p.detach().clone() for p in frozen], vae.config.scaling_factor
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    warmup = min(100, steps // 10)
+    perm, pos, run, times, t0 = torch.randperm(len(x), generator=gen), 0, None, [], time.time()
+    c0, load0 = time.process_time(), os.getloadavg()[0]
+    log(f"[shapes-vae-dec] {_n(vae.decoder) + _n(vae.post_quant_conv):,} trained params, {steps} steps, "
+        f"batch {batch}, lr {lr}, object weight {object_weight}")
+    for step in range(steps):
+        ts = time.time()
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(len(x), generator=gen), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+        vae.decoder.train()
+        with torch.no_grad():
+            z = vae.encode(x[idx]).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        err = (rec - x[idx]).pow(2) + (rec - x[idx]).abs()
+        loss = (weight[idx] * err).sum() / (weight[idx].sum() * 3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        times.append(time.time() - ts)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 200 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"[shapes-vae-dec] step {step + 1}/{steps} loss {run:.4f} ({el:.0f}s, "
+                f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+    vae.eval().requires_grad_(False)
+    if not all(torch.equal(a, b) for a, b in zip(before, frozen)) or vae.config.scaling_factor != scale:
+        raise RuntimeError("the decoder fine-tune changed the encoder: the UNets' latents would lose their meaning")
+    return dict(steps=steps, lr=lr, object_weight=object_weight, small_object_boost=True, batch_size=batch,
+                data=dict(single_train=n_single, multi_train=n_multi), data_order_seed=seed,
+                lr_schedule=f"linear warmup {warmup}, cosine to 5%", trained="decoder + post_quant_conv",
+                loss="object-weighted (MSE + L1) on [-1, 1], small-object boost",
+                optimizer="AdamW (wd 0), grad-norm clip 1", wall_seconds=round(time.time() - t0, 1),
+                median_step_seconds=round(float(np.median(times)), 3),
+                cpu_seconds_per_step=round((time.process_time() - c0) / steps, 4),
+                load_average_1min=dict(start=round(load0, 2), end=round(os.getloadavg()[0], 2)),
+                final_loss=round(run, 5))
+
+
 @torch.no_grad()
 def reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """VAE reconstructions (posterior mean) of images in [0, 1]."""
