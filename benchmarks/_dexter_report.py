@@ -36,19 +36,24 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
     # validation table
     L.append("## Validation (one class per classifier, 8 runs per config)\n")
-    vc = ["config", "mean activation", "bias P / R / F1 (run, sweep rule)", "bias P / R (run, frame rule)",
-          "class word (unbiased)", "seconds", "selection = act + F1 (sweep)"]
-    L.append(_table(vc, [[c, s["activation"],
-                          f"{_f(s.get('sweep_run_precision', float('nan')))} / {_f(s.get('sweep_run_recall', float('nan')))}"
-                          f" / {_f(s.get('sweep_run_f1', float('nan')))}",
+    sel = val.get("selection_f1", "sweep_run_f1")  # the F1 in the selection criterion
+    sel_rule = sel.split("_")[0]
+
+    def prf(s, r):
+        return " / ".join(_f(s.get(f"{r}_run_{k}", float("nan"))) for k in ("precision", "recall", "f1"))
+
+    vc = ["config", "mean activation", "bias P / R / F1 (run, sweep rule)", "bias P / R / F1 (run, contrast rule)",
+          "bias P / R (run, frame rule)", "class word (unbiased)", "seconds", f"selection = act + F1 ({sel_rule})"]
+    L.append(_table(vc, [[c, s["activation"], prf(s, "sweep"), prf(s, "contrast"),
                           f"{_f(s['run_precision'])} / {_f(s['run_recall'])}", s["class_word"],
                           s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
     rule = val.get("rule", "sweep")  # the counterfactual rule of the criteria (--phase val-rule; else sweep)
     if "rule_summary" in val:
         m = val["rule_meta"]
+        where = ("read from the chosen config's runs above" if "note" in m else
+                 f"`{m['command']}`, commit `{m['commit']}`, {m['seconds']} s")
         L.append(f"\nCounterfactual rule, chosen on the same validation classes with the chosen config "
-                 f"(`{m['command']}`, commit `{m['commit']}`, {m['seconds']} s; mean activation "
-                 f"{val['rule_activation']:.2f}): the higher run-level bias F1.\n")
+                 f"({where}; mean activation {val['rule_activation']:.2f}): the higher run-level bias F1.\n")
         L.append(_table(["rule", "bias P / R / F1 (run)", "bias P / R (classifier)"],
                         [[r, f"{_f(x['run_precision'])} / {_f(x['run_recall'])} / {_f(x['run_f1'])}",
                           f"{_f(x['clf_precision'])} / {_f(x['clf_recall'])}"] for r, x in val["rule_summary"].items()]))
@@ -116,6 +121,11 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                                 r["class_word"], r.get("pixel_success", float("nan")),
                                 r.get("fourier_success", float("nan")), r.get("guided_success", float("nan")),
                                 r["seconds"]] for r in dex]))
+        if any(r.get("selection") for r in dex):
+            L.append("\nRestarts (select=best): each run's hit rate of every restart's words on 16 selection samples "
+                     "(seeds 30000+, not the activation score's); chosen = the restart whose words are the explanation.\n")
+            L.append(_table(["classifier", "class", "hit rate per restart", "chosen"],
+                            [[r["classifier"], r["class_name"], r["selection"], r["chosen_restart"]] for r in dex]))
     if dif:
         L.append("\n## Test runs (DiffExplainer, soft tokens)\n")
         prf = bias_prf(dif)

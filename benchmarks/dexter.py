@@ -67,11 +67,17 @@ CONFIGS = {
     "k4": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=4, cfg_scale=1.0, batch=2),
     "cfg3-typed": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=3.0, batch=2,
                        typed_slots=True),
+    # cfg3 with two restarts; the explanation is the restart whose words hit most on 16 selection samples
+    "cfg3-r2best": dict(steps=100, lr=0.1, tau=1.0, mlm_weight=1.0, sample_steps=8, cfg_scale=3.0, batch=2,
+                        restarts=2, select="best"),
 }
 GUIDED_WEIGHTS = [4.0, 16.0]
 DIFFEXPLAINER = dict(steps=100, lr=0.05, sample_steps=8, cfg_scale=1.0, batch=2, loss="logit")
 N_AM = 100  # images per AM baseline
 SWEEP_SAMPLES = 16  # samples per variant prompt of the counterfactual report (reporter.sweep_report)
+# config selection on val: mean activation + this run-level F1 (the contrast rule, chosen on val at 5f86f0e; the
+# sweep rule's F1 chose the configs up to then)
+SELECT_F1 = "contrast_run_f1"
 
 
 def split_classes(seed: int = 0) -> dict[str, dict[str, list[int]]]:
@@ -158,6 +164,8 @@ def run_item(prior, reader, mlm, clf, name: str, k: int, cfg: dict, mode: str, s
                **(_flags(res.sweep, truth, truth_value, "sweep_") if res.sweep else {}),
                **(_flags(res.contrast, truth, truth_value, "contrast_") if res.contrast else {}),
                steps_run=len(res.trace), seconds=round(res.seconds, 1))
+    if mode == "dexter":
+        row.update(chosen_restart=res.chosen, selection=";".join(f"{v:.3f}" for v in res.selection))
     if mode == "diffexplainer":
         row["activation_score_words"] = res.activation_words["score"]
     return row, samples[:8], res.frames[-8:]
@@ -267,7 +275,9 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
                               **{"sweep_" + k: v for k, v in sweep.items()},
                               class_word=float(np.mean([r["class_word"] for r in unb])) if unb else float("nan"),
                               seconds=float(np.sum([r["seconds"] for r in crow])))
-        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname]["sweep_run_f1"]
+        contrast = bias_prf(crow, "contrast_")
+        summary[cname].update({"contrast_" + k: v for k, v in contrast.items()})
+        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname][SELECT_F1]
         print(cname, json.dumps(summary[cname]), flush=True)
         rows += crow
     guided = {}
@@ -286,11 +296,16 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
             print("guided weight", w, guided[w], flush=True)
     best = max(summary, key=lambda c: summary[c]["selection"])
     best_w = max(guided, key=guided.get) if guided else GUIDED_WEIGHTS[0]
+    best_rows = [r for r in rows if r["config"] == best]
+    rules = {r: bias_prf(best_rows, r + "_") for r in RULES}
+    rule = max(RULES, key=lambda r: (rules[r]["run_f1"], -RULES.index(r)))
     out = dict(meta={**meta, "seconds": round(time.time() - t_start)}, summary=summary, chosen=best,
-               config=CONFIGS[best], guided=guided, guided_weight=best_w)
+               config=CONFIGS[best], guided=guided, guided_weight=best_w, selection_f1=SELECT_F1,
+               rule=rule, rule_summary=rules, rule_meta=dict(meta, note="read from the chosen config's val runs"),
+               rule_activation=summary[best]["activation"])
     Path(a.out + "_val.json").write_text(json.dumps(out, indent=1))
     _csv(rows, a.out + "_val.csv")
-    print(f"chosen: {best} {CONFIGS[best]}; guided weight {best_w}")
+    print(f"chosen: {best} {CONFIGS[best]}; guided weight {best_w}; rule {rule}")
 
 
 RULES = ("sweep", "contrast")  # counterfactual reporter rules; the first wins ties

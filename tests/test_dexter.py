@@ -210,6 +210,42 @@ def test_dexter_runs_and_is_deterministic(prior, tok):
     assert r1.prompt == TEMPLATE.surface(r1.words)
 
 
+def test_select_best_explains_with_the_restart_that_hits_most(prior, tok, monkeypatch):
+    """select="best": the words of the restart with the highest selection hit rate (ties: the earliest), scored
+    on select_samples samples of seeds 30000 + seed (not the activation score's 10000 + seed); "first" keeps the
+    authors' restart 0 and samples nothing."""
+    import featinv.explain.dexter as D
+    from featinv.explain.mlm import WordMLM
+
+    torch.manual_seed(0)
+    mlm = WordMLM(WORDS + ["a", "at", "the", "on", "background"], hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2).eval()
+    calls, scores = [], iter([])
+
+    def fake_score(prior, target, cond, *, n, steps, cfg_scale, seed, **kw):
+        calls.append((n, steps, seed, cond.clone()))
+        return dict(score=next(scores))
+
+    monkeypatch.setattr(D, "activation_score", fake_score)
+    cfg = DexterConfig(steps=3, sample_steps=2, batch=2, seed=4, restarts=3, select_samples=5)
+    clf = TinyClassifier()
+    first = dexter(prior, ClassTarget(clf, 0), mlm, TEMPLATE, cfg)
+    assert calls == [] and first.chosen == 0 and first.words == first.restarts[0] and first.selection == []
+    scores = iter([0.2, 0.9, 0.5])
+    best = dexter(prior, ClassTarget(clf, 0), mlm, TEMPLATE, dataclasses.replace(cfg, select="best"))
+    assert best.restarts == first.restarts and best.trace == first.trace  # selection happens after optimising
+    assert best.selection == [0.2, 0.9, 0.5] and best.chosen == 1 and best.words == best.restarts[1]
+    assert best.prompt == TEMPLATE.surface(best.restarts[1])
+    assert [(n, st, sd) for n, st, sd, _ in calls] == [(5, 2, 30_004)] * 3  # same seeds for every restart
+    text = SlotTextEncoder(prior.text_encoder, tok, TEMPLATE, D.candidate_words(mlm, tok))
+    for (_, _, _, cond), words in zip(calls, best.restarts):  # each restart is scored on its own words
+        torch.testing.assert_close(cond, text.encode_words(words))
+    scores = iter([0.5, 0.5, 0.1])
+    assert dexter(prior, ClassTarget(clf, 0), mlm, TEMPLATE, dataclasses.replace(cfg, select="best")).chosen == 0
+    with pytest.raises(ValueError, match="select='last' must be 'first' or 'best'"):
+        DexterConfig(select="last")
+
+
 def test_typed_slots_keep_every_word_and_pseudo_label_in_its_slot(prior, tok):
     from featinv.explain.mlm import WordMLM
 
