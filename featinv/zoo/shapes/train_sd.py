@@ -5,7 +5,9 @@ MSE + L1 on [-1, 1], weighted 1 + ``object_weight`` on (3x3-dilated) object pixe
 % of the image; the renderer's masks say where; the last phase also boosts small objects), plus
 ``kl_weight`` * KL (summed over latent elements). Trained in warm-restart phases (``train_vae``): after
 two phases the reader still read 6 % of small stars in reconstructions as squares (their concave points
-partly filled), hence a third phase with the small-object boost.
+partly filled), hence a third phase with the small-object boost (configured, never run); instead
+``finetune_vae_decoder`` trains only shapes-sd's decoder with that boost (stage ``shapes-vae-dec``), which keeps
+every latent the UNets learnt.
 SD's 1e-6 KL weight multiplies a reconstruction loss *summed* over 3x32x32 pixels; ours is a pixel mean,
 so the equivalent weight is ~3e-10 (a weight of 1e-5 kept the posterior std at 0.44 x the latent scale
 and blurred every object: reader accuracy on reconstructions 0.46 for shape). Afterwards ``scaling_factor`` = 1 / std of the posterior means of
