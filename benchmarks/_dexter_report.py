@@ -122,8 +122,9 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                                 r.get("fourier_success", float("nan")), r.get("guided_success", float("nan")),
                                 r["seconds"]] for r in dex]))
         if any(r.get("selection") for r in dex):
-            L.append("\nRestarts (select=best): each run's hit rate of every restart's words on 16 selection samples "
-                     "(seeds 30000+, not the activation score's); chosen = the restart whose words are the explanation.\n")
+            L.append("\nRestarts (select=best): each run's hit rate of every restart's words on 16 selection "
+                     "samples (seeds 30000+, not the activation score's); chosen = the restart whose words are the "
+                     "explanation.\n")
             L.append(_table(["classifier", "class", "hit rate per restart", "chosen"],
                             [[r["classifier"], r["class_name"], r["selection"], r["chosen_restart"]] for r in dex]))
     if dif:

@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
             out[f"generated_cfg{c:g}"] = single_acc(img, rc, reader)
         return out
 
-    base = S.sd_dir("shapes-multi-sd") / "vae"  # the shapes-vae stage's VAE (shapes-sd's decoder is this fine-tune since)
+    base = S.sd_dir("shapes-multi-sd") / "vae"  # the shapes-vae stage's VAE (shapes-sd's is now this fine-tune)
     res = dict(stored=scores(AutoencoderKL.from_pretrained(str(base), local_files_only=True).float().eval()))
     print("stored decoder:", res["stored"], flush=True)
     vae = AutoencoderKL.from_pretrained(str(base), local_files_only=True).float()

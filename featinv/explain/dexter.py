@@ -19,11 +19,12 @@ One optimisation step (``dexter``; the authors' ``analyze_classifier``), only th
 6. stop after ``stop_after`` consecutive steps whose images are all assigned to c (authors: 3), or ``steps``.
 
 ``restarts`` repeats 1-6 with a fresh soft prompt (the authors' ``topk`` loop); frames accumulate. The
-explanation is the final pseudo-label words of each restart (the authors' "target prompt"); ``DexterResult.words``
-is the first (``select="first"``, the authors) or, ``select="best"`` (a featinv option), the restart whose words
-the classifier assigns to the class most often on ``select_samples`` samples of seeds 30000 + seed.. (disjoint
-from the activation score's 10000 + seed..), so one failed optimisation does not stand as the explanation. ``run_dexter`` adds the activation score of that prompt and, given a reader, the
-report (``featinv.explain.reporter``). Differences from the authors' setting are listed in docs/explain.md.
+explanation is the final pseudo-label words of each restart (the authors' "target prompt");
+``DexterResult.words`` is the first (``select="first"``, the authors) or, ``select="best"`` (a featinv option),
+the restart whose words the classifier assigns to the class most often on ``select_samples`` samples of seeds
+30000 + seed.. (disjoint from the activation score's 10000 + seed..), so one failed optimisation does not stand
+as the explanation. ``run_dexter`` adds the activation score of that prompt and, given a reader, the report
+(``featinv.explain.reporter``). Differences from the authors' setting are listed in docs/explain.md.
 """
 from __future__ import annotations
 
