@@ -49,6 +49,28 @@ def _ema_update(ema, model, decay):
             pe.lerp_(p, 1 - decay)
 
 
+
+def _batches(n: int, batch: int, gen: torch.Generator):
+    """Index batches of ``range(n)``, a fresh ``gen``-seeded shuffle whenever fewer than ``batch`` are left (the
+    shuffles are drawn when the batch that needs them is asked for; n < batch: every batch is a whole shuffle)."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + batch]
+        pos += batch
+
+
+def _lr(step: int, steps: int, warmup: int, lr: float) -> float:
+    """Linear warmup, then cosine decay to 5 % of ``lr``."""
+    return cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+
+
+def _recon_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction loss: (squared + absolute) error per pixel, weighted by ``w`` (B, 1, H, W)."""
+    err = (rec - x).pow(2) + (rec - x).abs()
+    return (w * err).sum() / (w.sum() * 3)
+
 # -- VAE -------------------------------------------------------------------------------------------
 def vae_training_data(n_single: int, n_multi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The VAE's train renders in [-1, 1] (single then multi), their dilated object masks (N, 1, 32, 32) and the
@@ -84,22 +106,19 @@ def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: floa
         gen = torch.Generator().manual_seed(seed + k - 1)
         opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
         warmup = min(100, steps // 10)
-        perm, pos, run, times, t0 = torch.randperm(len(x), generator=gen), 0, None, [], time.time()
+        batches, run, times, t0 = _batches(len(x), batch, gen), None, [], time.time()
         c0, load0 = time.process_time(), os.getloadavg()[0]
         log(f"[shapes-vae] phase {k}: {_n(vae):,} params, {steps} steps, batch {batch}, lr {lr}, kl {kl_weight}")
         for step in range(steps):
             ts = time.time()
-            if pos + batch > len(perm):
-                perm, pos = torch.randperm(len(x), generator=gen), 0
-            xb, wb = x[perm[pos:pos + batch]], weight[perm[pos:pos + batch]]
-            pos += batch
+            idx = next(batches)
+            xb, wb = x[idx], weight[idx]
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+                g["lr"] = _lr(step, steps, warmup, lr)
             vae.train()
             post = vae.encode(xb).latent_dist
             rec = vae.decode(post.sample(generator=gen)).sample
-            err = (rec - xb).pow(2) + (rec - xb).abs()
-            loss = (wb * err).sum() / (wb.sum() * 3) + kl_weight * post.kl().mean()
+            loss = _recon_loss(rec, xb, wb) + kl_weight * post.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -153,24 +172,19 @@ def finetune_vae_decoder(vae, *, steps: int, lr: float, object_weight: float, ba
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     warmup = min(100, steps // 10)
-    perm, pos, run, times, t0 = torch.randperm(len(x), generator=gen), 0, None, [], time.time()
+    batches, run, times, t0 = _batches(len(x), batch, gen), None, [], time.time()
     c0, load0 = time.process_time(), os.getloadavg()[0]
     log(f"[shapes-vae-dec] {_n(vae.decoder) + _n(vae.post_quant_conv):,} trained params, {steps} steps, "
         f"batch {batch}, lr {lr}, object weight {object_weight}")
     for step in range(steps):
         ts = time.time()
-        if pos + batch > len(perm):
-            perm, pos = torch.randperm(len(x), generator=gen), 0
-        idx = perm[pos:pos + batch]
-        pos += batch
+        idx = next(batches)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+            g["lr"] = _lr(step, steps, warmup, lr)
         vae.decoder.train()
         with torch.no_grad():
             z = vae.encode(x[idx]).latent_dist.sample(generator=gen)
-        rec = vae.decode(z).sample
-        err = (rec - x[idx]).pow(2) + (rec - x[idx]).abs()
-        loss = (weight[idx] * err).sum() / (weight[idx].sum() * 3)
+        loss = _recon_loss(vae.decode(z).sample, x[idx], weight[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -288,14 +302,11 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     snr = acp / (1 - acp)
     warmup = min(200, steps // 10)
     log(f"[{name}] UNet {_n(unet):,} + text {_n(text):,} params, {steps} steps, batch {batch}, lr {lr}")
-    perm, pos, run, times, t0 = torch.randperm(len(mu), generator=gen), 0, None, [], time.time()
+    batches, run, times, t0 = _batches(len(mu), batch, gen), None, [], time.time()
     c0 = time.process_time()
     for step in range(steps):
         ts = time.time()
-        if pos + batch > len(perm):
-            perm, pos = torch.randperm(len(mu), generator=gen), 0
-        idx = perm[pos:pos + batch]
-        pos += batch
+        idx = next(batches)
         z0 = scale * (mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen))
         caps = _captions(rows[idx.numpy()], cap_rng, p_empty, p_partial)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -305,7 +316,7 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
+            g["lr"] = _lr(step, steps, warmup, lr)
         unet.train(), text.train()
         target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
         w = loss_weights(snr[t], prediction, snr_gamma)
