@@ -66,6 +66,25 @@ def _lr(step: int, steps: int, warmup: int, lr: float) -> float:
     return cosine_lr(step, steps, warmup, lr) * 0.95 + lr * 0.05 * (step >= warmup)
 
 
+def _update(opt, loss: torch.Tensor, params) -> float:
+    """One AdamW step with grad-norm clip 1; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _running(run: float | None, value: float) -> float:
+    """Exponential running mean of the loss (0.98) for the progress lines."""
+    return value if run is None else 0.98 * run + 0.02 * value
+
+
+def _eta(t0: float, step: int, steps: int) -> str:
+    el = time.time() - t0
+    return f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)"
+
+
 def _recon_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The VAE's reconstruction loss: (squared + absolute) error per pixel, weighted by ``w`` (B, 1, H, W)."""
     err = (rec - x).pow(2) + (rec - x).abs()
@@ -119,16 +138,10 @@ def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: floa
             post = vae.encode(xb).latent_dist
             rec = vae.decode(post.sample(generator=gen)).sample
             loss = _recon_loss(rec, xb, wb) + kl_weight * post.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
+            run = _running(run, _update(opt, loss, vae.parameters()))
             times.append(time.time() - ts)
-            run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
             if step % 100 == 0 or step == steps - 1:
-                el = time.time() - t0
-                log(f"[shapes-vae] phase {k} step {step + 1}/{steps} loss {run:.4f} ({el:.0f}s, "
-                    f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+                log(f"[shapes-vae] phase {k} step {step + 1}/{steps} loss {run:.4f} {_eta(t0, step, steps)}")
         wall, cpu = time.time() - t0, time.process_time() - c0
         vae.eval()
         with torch.no_grad():
@@ -184,17 +197,10 @@ def finetune_vae_decoder(vae, *, steps: int, lr: float, object_weight: float, ba
         vae.decoder.train()
         with torch.no_grad():
             z = vae.encode(x[idx]).latent_dist.sample(generator=gen)
-        loss = _recon_loss(vae.decode(z).sample, x[idx], weight[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        run = _running(run, _update(opt, _recon_loss(vae.decode(z).sample, x[idx], weight[idx]), params))
         times.append(time.time() - ts)
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 200 == 0 or step == steps - 1:
-            el = time.time() - t0
-            log(f"[shapes-vae-dec] step {step + 1}/{steps} loss {run:.4f} ({el:.0f}s, "
-                f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+            log(f"[shapes-vae-dec] step {step + 1}/{steps} loss {run:.4f} {_eta(t0, step, steps)}")
     vae.eval().requires_grad_(False)
     if not all(torch.equal(a, b) for a, b in zip(before, frozen)) or vae.config.scaling_factor != scale:
         raise RuntimeError("the decoder fine-tune changed the encoder: the UNets' latents would lose their meaning")
@@ -327,20 +333,14 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
         else:
             m = (1 + object_weight * obj[idx]).to(device)  # (B, 1, h, w), normalised so the loss keeps its scale
             per = (m * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / m.mean(dim=(1, 2, 3))
-        loss = (w * per).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        run = _running(run, _update(opt, (w * per).mean(), params))
         decay = ema_decay if init_from is not None else min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_u, unet, decay)
         _ema_update(ema_t, text, decay)
         times.append(time.time() - ts)
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
-            el = time.time() - t0
             log(f"[{name}] step {step + 1}/{steps} loss {run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+                f"{_eta(t0, step, steps)}")
         if mode == "single" and (step % 250 == 0 or step == steps - 1):
             log(f"[{name}] step {step + 1} conditioning probe (EMA): eps t=500 "
                 f"{conditioning_probe(ema_u, ema_t, tok, sched=sched)}, x0 t=800 "
