@@ -40,6 +40,7 @@ from _common import commit  # noqa: E402
 
 from featinv.zoo.shapes import reader as R  # noqa: E402
 from featinv.zoo.shapes import sd as S  # noqa: E402
+from featinv.zoo.shapes.sd import generate  # noqa: E402
 from featinv.zoo.shapes import world as W  # noqa: E402
 from featinv.zoo.shapes.train_sd import reconstruct  # noqa: E402
 
@@ -73,6 +74,43 @@ def multi_scores(images, rows, detector) -> dict:
     return res
 
 
+def caption_fidelity(pipe, reader, rv, rt, scales: list[float], seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """The CFG scale with the highest mean per-factor accuracy on the validation captions ``rv``, then the test
+    captions ``rt`` generated with it and read back; also the shape read back per asked shape."""
+    sel = {}
+    for s in scales:
+        img = generate(pipe, W.captions(rv), seeds=seeds("val", len(rv), seed), cfg_scale=s, steps=steps)
+        sel[s] = single_acc(img, rv, reader)
+        print(f"val cfg {s}: {sel[s]}", flush=True)
+    best = max(scales, key=lambda s: np.mean([sel[s][f] for f in W.FACTORS]))
+    t0 = time.time()
+    gen_t = generate(pipe, W.captions(rt), seeds=seeds("test", len(rt), seed), cfg_scale=best, steps=steps)
+    sec_per_img = (time.time() - t0) / len(rt)
+    read = R.read_factors(gen_t, reader)[0]["shape"].numpy()
+    asked = W.labels(rt)["shape"].numpy()
+    per_shape = {name: round(float((read[asked == k] == k).mean()), 4) if (asked == k).any() else None
+                 for k, name in enumerate(W.FACTORS["shape"])}
+    res = dict(cfg_scale=best, selection_on_val={str(k): v for k, v in sel.items()}, test=single_acc(gen_t, rt, reader),
+               test_shape_by_asked_shape=per_shape, seconds_per_image=round(sec_per_img, 4))
+    print("test:", res["test"], flush=True)
+    return res, gen_t
+
+
+def empty_fidelity(pipe, reader, rt, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """``n`` empty-prompt samples (CFG off): per-factor reader histograms, their total variation from the test
+    rows' factor marginals, and the share read with confidence >= 0.9 on every factor."""
+    gen_e = generate(pipe, [""] * n, seeds=seeds("empty", n, seed), cfg_scale=1.0, steps=steps)
+    vals, conf = R.read_factors(gen_e, reader)
+    truth = W.labels(rt)
+    res = {f: dict(tv=round(tv(np.bincount(vals[f].numpy(), minlength=len(v)).astype(float),
+                               np.bincount(truth[f].numpy(), minlength=len(v)).astype(float)), 4),
+                   histogram=np.bincount(vals[f].numpy(), minlength=len(v)).tolist())
+           for f, v in W.FACTORS.items()}
+    res["confident_rate"] = round(float(torch.stack([conf[f] >= 0.9 for f in W.FACTORS]).all(0).float().mean()), 4)
+    res["data_histograms"] = {f: np.bincount(truth[f].numpy(), minlength=len(v)).tolist() for f, v in W.FACTORS.items()}
+    return res, gen_e
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=512)
@@ -100,49 +138,26 @@ def main(argv=None) -> dict:
     res["vae_reconstruction"] = single_acc(reconstruct(pipe.vae, xt), rt, reader)
     res["vae_reconstruction_multi"] = multi_scores(reconstruct(pipe.vae, xm), rm, detector)
 
-    # -- caption-conditioned, single --------------------------------------------------------------
-    xv, rv = W.load_split("single", "val", args.n_val)
-    sel = {}
-    for s in grid_scales:
-        img = S.generate(pipe, W.captions(rv), seeds=seeds("val", len(rv), args.seed), cfg_scale=s, steps=args.steps)
-        sel[s] = single_acc(img, rv, reader)
-        print(f"val cfg {s}: {sel[s]}", flush=True)
-    best = max(grid_scales, key=lambda s: np.mean([sel[s][f] for f in W.FACTORS]))
-    t0 = time.time()
-    gen_t = S.generate(pipe, W.captions(rt), seeds=seeds("test", len(rt), args.seed), cfg_scale=best, steps=args.steps)
-    sec_per_img = (time.time() - t0) / len(rt)
-    res["caption_single"] = dict(cfg_scale=best, selection_on_val={str(k): v for k, v in sel.items()},
-                                 test=single_acc(gen_t, rt, reader), seconds_per_image=round(sec_per_img, 4))
-    print("test:", res["caption_single"]["test"], flush=True)
-
-    # -- empty prompt, single ---------------------------------------------------------------------
-    gen_e = S.generate(pipe, [""] * args.n, seeds=seeds("empty", args.n, args.seed), cfg_scale=1.0, steps=args.steps)
-    vals, conf = R.read_factors(gen_e, reader)
-    truth = W.labels(rt)
-    res["empty_prompt"] = {f: dict(tv=round(tv(np.bincount(vals[f].numpy(), minlength=len(v)).astype(float),
-                                               np.bincount(truth[f].numpy(), minlength=len(v)).astype(float)), 4),
-                                   histogram=np.bincount(vals[f].numpy(), minlength=len(v)).tolist())
-                           for f, v in W.FACTORS.items()}
-    res["empty_prompt"]["confident_rate"] = round(float(torch.stack([conf[f] >= 0.9 for f in W.FACTORS]).all(0)
-                                                        .float().mean()), 4)
-    res["empty_prompt"]["data_histograms"] = {f: np.bincount(truth[f].numpy(), minlength=len(v)).tolist()
-                                              for f, v in W.FACTORS.items()}
+    # -- caption-conditioned and empty prompt, single -------------------------------------------------
+    _, rv = W.load_split("single", "val", args.n_val)
+    res["caption_single"], gen_t = caption_fidelity(pipe, reader, rv, rt, grid_scales, args.seed, args.steps)
+    res["empty_prompt"], gen_e = empty_fidelity(pipe, reader, rt, args.n, args.seed, args.steps)
 
     # -- multi-object -----------------------------------------------------------------------------
     mpipe = S.load_pipeline(S.sd_dir("shapes-multi-sd", args.weights))
     xmv, rmv = W.load_split("multi", "val", args.n_val)
     msel = {}
     for s in grid_scales:
-        img = S.generate(mpipe, W.captions(rmv), seeds=seeds("multi-val", len(rmv), args.seed), cfg_scale=s,
+        img = generate(mpipe, W.captions(rmv), seeds=seeds("multi-val", len(rmv), args.seed), cfg_scale=s,
                          steps=args.steps)
         msel[s] = multi_scores(img, rmv, detector)
         print(f"multi val cfg {s}: {msel[s]['mean_accuracy']} all {msel[s]['all']}", flush=True)
     mbest = max(grid_scales, key=lambda s: msel[s]["mean_accuracy"])
-    gen_m = S.generate(mpipe, W.captions(rm), seeds=seeds("multi-test", len(rm), args.seed), cfg_scale=mbest,
+    gen_m = generate(mpipe, W.captions(rm), seeds=seeds("multi-test", len(rm), args.seed), cfg_scale=mbest,
                        steps=args.steps)
     res["caption_multi"] = dict(cfg_scale=mbest, selection_on_val={str(k): v["mean_accuracy"] for k, v in msel.items()},
                                 test=multi_scores(gen_m, rm, detector))
-    gen_me = S.generate(mpipe, [""] * args.n, seeds=seeds("multi-empty", args.n, args.seed), cfg_scale=1.0,
+    gen_me = generate(mpipe, [""] * args.n, seeds=seeds("multi-empty", args.n, args.seed), cfg_scale=1.0,
                         steps=args.steps)
     cnt = (R.read_presence(gen_me, detector) > 0.5).sum(1).clamp(max=6)
     res["empty_prompt_multi"] = dict(object_count_histogram=np.bincount(cnt.numpy(), minlength=7).tolist(),
@@ -184,7 +199,9 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
              "| images | " + " | ".join(F_) + " | all factors |", "|---" * (len(F_) + 2) + "|"]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
     lines += ["", "CFG selection on validation (mean accuracy per factor): " + ", ".join(
-        f"{k}: {np.mean([v[f] for f in F_]):.3f}" for k, v in cs["selection_on_val"].items()), "",
+        f"{k}: {np.mean([v[f] for f in F_]):.3f}" for k, v in cs["selection_on_val"].items()) + "  ",
+        "Test captions, shape read back per asked shape: " + ", ".join(
+            f"{k} {v}" for k, v in cs["test_shape_by_asked_shape"].items()), "",
         f"Empty prompt ({args.n} samples, CFG off): total variation of reader histograms vs the data's factor "
         f"marginals (<= 0.1); {es['confident_rate']:.3f} of samples read with confidence >= 0.9 on every factor.\n",
         "| factor | TV | sample histogram | data histogram |", "|---|---|---|---|"]

@@ -539,6 +539,33 @@ def test_unet_stage_trains_a_zero_terminal_snr_v_prediction_sd_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_pixel_stage_trains_a_text_conditioned_pixel_prior_that_loads_as_a_zoo_prior(tmp_path):
+    """``shapes-pixel`` (tiny scale): a folder without a VAE whose UNet samples 32x32x3 pixels, loaded by the
+    ``zoo:shapes-pixel?path=...`` spec as a text-conditioned ``PixelPrior`` and by ``sd.load_pipeline`` for
+    ``sd.generate``; zero terminal SNR v prediction on cosine betas, as the stage config says."""
+    from featinv.priors import PixelPrior
+    from featinv.specs import build_prior
+    from featinv.zoo.shapes import sd as S
+    from featinv.zoo.shapes import train as ST
+
+    (tmp_path / "meta.json").write_text("{}")
+    ST.run(["shapes-pixel"], tmp_path, seed=0, scale=0.002, device="cpu")
+    assert not (tmp_path / "shapes-pixel" / "vae").exists()
+    prior = build_prior(f"zoo:shapes-pixel?path={tmp_path}&prompt=a red circle&cfg_scale=2")
+    assert isinstance(prior, PixelPrior) and prior.conditional and prior.latent_shape == (3, 32, 32)
+    assert prior.prediction_type == "v_prediction" and prior.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    assert float(prior.alphas_cumprod[-1]) < 1e-6 and prior.cfg_scale == 2.0
+    assert not torch.equal(prior.cond, prior.encode_prompt([""]))  # the prompt reached the conditioning
+    meta = json.loads((tmp_path / "meta.json").read_text())["shapes-pixel"]
+    assert meta["unet_config"]["in_channels"] == 3 and meta["unet_params"] == sum(p.numel() for p in prior.unet.parameters())
+    assert "pixel space" in meta["architecture"] and set(meta["test_eps_mse_by_timestep"]) == {"50", "250", "500", "750", "950"}
+    pipe = S.load_pipeline(tmp_path / "shapes-pixel")
+    assert pipe.vae is None
+    x = S.generate(pipe, ["a small red circle at the top left on a gray background"], seeds=[0], steps=4)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+
+
+@pytest.mark.slow
 def test_ledits_pp_inverts_and_edits_at_32px():
     from diffusers import LEditsPPPipelineStableDiffusion
 

@@ -4,8 +4,8 @@ Digits world: prior ``zoo:digits-ddpm``; encoders ``zoo:digits-cnn[@layer]`` (de
 ``penultimate``, 64-d) and ``zoo:digits-vit[@layer]`` (default: the CLS embedding); ``@logits``
 gives class scores. Options as for every family: ``zoo:digits-cnn?quantize=true&path=<weights>``.
 
-Shapes world (``featinv.zoo.shapes``): priors ``zoo:shapes-sd`` and ``zoo:shapes-multi-sd``
-(``?prompt=...&cfg_scale=...``); encoders ``zoo:shapes-shape``, ``zoo:shapes-color``,
+Shapes world (``featinv.zoo.shapes``): priors ``zoo:shapes-sd``, ``zoo:shapes-multi-sd`` (latent) and
+``zoo:shapes-pixel`` (the pixel-space fallback) (``?prompt=...&cfg_scale=...``); encoders ``zoo:shapes-shape``, ``zoo:shapes-color``,
 ``zoo:shapes-invariant``, ``zoo:shapes-clip`` (``?normalize=true``) and
 ``zoo:shapes-target-<name>``; the judges ``zoo:shapes-reader`` and ``zoo:shapes-detector``
 (evaluators: ``read(images) -> {factor: (value, confidence)}``).
@@ -17,7 +17,7 @@ from featinv.encoders import Encoder
 from featinv.priors import PixelPrior, Prior
 from featinv.specs import register_encoder, register_prior, suggest
 
-ZOO_PRIORS = ("digits-ddpm", "shapes-sd", "shapes-multi-sd")
+ZOO_PRIORS = ("digits-ddpm", "shapes-sd", "shapes-multi-sd", "shapes-pixel")
 ZOO_ENCODERS = ("digits-cnn", "digits-vit", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip",
                 "shapes-target-<name>", "shapes-reader", "shapes-detector")
 
@@ -25,8 +25,8 @@ ZOO_ENCODERS = ("digits-cnn", "digits-vit", "shapes-shape", "shapes-color", "sha
 @register_prior("zoo")
 def zoo_prior(name: str, layer=None, *, path: str | None = None, prompt: str = "", negative_prompt: str = "",
               cfg_scale: float = 1.0) -> Prior:
-    """``zoo:digits-ddpm``, ``zoo:shapes-sd``, ``zoo:shapes-multi-sd``."""
-    if name.startswith("shapes-"):  # the shapes world: a latent prior in Stable Diffusion's layout
+    """``zoo:digits-ddpm``, ``zoo:shapes-sd``, ``zoo:shapes-multi-sd``, ``zoo:shapes-pixel``."""
+    if name.startswith("shapes-"):  # the shapes world: latent priors in Stable Diffusion's layout, one pixel prior
         from featinv.zoo import shapes
 
         return shapes.load_prior(name, root=path, prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale)

@@ -2,7 +2,8 @@
 trained on their captions, judges (readers) and encoders with designed, measured properties.
 
 Specs (registered in ``featinv.zoo``): priors ``zoo:shapes-sd`` (single object; the empty prompt is
-the unconditional prior) and ``zoo:shapes-multi-sd`` (DEPICT's multi-object scenes); encoders
+the unconditional prior), ``zoo:shapes-multi-sd`` (DEPICT's multi-object scenes) and ``zoo:shapes-pixel``
+(single object, pixel space: the issue's fallback, measured beside ``shapes-sd``); encoders
 ``zoo:shapes-shape``, ``zoo:shapes-color``, ``zoo:shapes-invariant`` (default layer ``penultimate``),
 ``zoo:shapes-clip`` (open_clip mini-CLIP, default: image embedding, ``encode_text`` works) and
 ``zoo:shapes-target-<name>`` (target classifiers, default: logits). Modules: ``world`` (renderer,
@@ -22,7 +23,7 @@ __all__ = ["world", "FACTORS", "CONCEPTS", "HIERARCHY", "load_split", "PRIOR_NAM
            "shapes_sd_dir", "load_prior", "load_reader", "read_factors", "load_concept_detector", "read_presence",
            "load_encoder", "load_target_classifier", "names"]
 
-PRIOR_NAMES = ("shapes-sd", "shapes-multi-sd")
+PRIOR_NAMES = ("shapes-sd", "shapes-multi-sd", "shapes-pixel")
 ENCODER_NAMES = ("shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip")
 
 
@@ -42,20 +43,26 @@ def names() -> dict[str, tuple[str, ...]]:
 
 
 def shapes_sd_dir(name: str = "shapes-sd", root: str | Path | None = None) -> Path:
-    """The Stable-Diffusion-layout folder of ``name`` (``shapes-sd`` or ``shapes-multi-sd``)."""
-    from featinv.zoo.shapes.sd import sd_dir
+    """The folder of ``name``: Stable Diffusion's layout (``shapes-sd``, ``shapes-multi-sd``) or the pixel prior's
+    (``shapes-pixel``: ``unet/ text_encoder/ tokenizer/ scheduler/``)."""
+    from featinv.zoo.shapes.sd import PIXEL_NAME, sd_dir
 
     folder = sd_dir(name, root)
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"{folder} is not a trained SD folder; run `python -m featinv.zoo.train --what shapes`")
+    marker = folder / ("unet/config.json" if name == PIXEL_NAME else "model_index.json")
+    if not marker.exists():
+        raise FileNotFoundError(f"{folder} is not a trained {name} folder; run `python -m featinv.zoo.train --what "
+                                f"{'shapes-pixel' if name == PIXEL_NAME else 'shapes'}`")
     return folder
 
 
 def load_prior(name: str = "shapes-sd", root: str | Path | None = None, **kw):
-    """``featinv.LatentPrior`` of a shapes SD folder; ``kw`` as ``LatentPrior.from_pretrained`` (prompt, cfg_scale)."""
-    from featinv.priors import LatentPrior
+    """``featinv.LatentPrior`` of a shapes SD folder, ``featinv.PixelPrior`` of ``shapes-pixel``; ``kw`` as their
+    ``from_pretrained`` (prompt, cfg_scale)."""
+    from featinv.priors import LatentPrior, PixelPrior
+    from featinv.zoo.shapes.sd import PIXEL_NAME
 
-    return LatentPrior.from_pretrained(shapes_sd_dir(name, root), local_files_only=True, **kw)
+    cls = PixelPrior if name == PIXEL_NAME else LatentPrior
+    return cls.from_pretrained(shapes_sd_dir(name, root), local_files_only=True, **kw)
 
 
 def load_target_classifier(name: str, root: str | Path | None = None):

@@ -3,7 +3,8 @@
 Stages, in this order (judges first; the prior is the long pole): ``shapes-reader``, ``shapes-detector``,
 ``shapes-vae``, ``shapes-vae-dec`` (a decoder-only fine-tune of that VAE for ``shapes-sd``; the latents stay
 the same), ``shapes-unet`` (-> ``shapes-sd``), ``shapes-unet-ft`` (continues it in 7 calls of 1,250 steps,
-each a warm restart appended to ``shapes-sd.finetune``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
+each a warm restart appended to ``shapes-sd.finetune``), ``shapes-pixel`` (the pixel-space fallback prior,
+``zoo:shapes-pixel``), ``shapes-multi-unet`` (-> ``shapes-multi-sd``),
 ``shapes-multi-unet-ft`` (continues that one the same way, appended to ``shapes-multi-sd.finetune``),
 ``shapes-shape``, ``shapes-color``, ``shapes-invariant``, ``shapes-clip``, ``shapes-targets``, ``shapes-probes``.
 ``--what shapes`` runs all; any comma list of stage names runs those. Each stage is seeded (``seed`` + a
@@ -27,7 +28,7 @@ from featinv.zoo.provenance import env_info, save_weights, update_meta
 from featinv.zoo.shapes import world as W
 
 STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-vae-dec", "shapes-unet", "shapes-unet-ft",
-          "shapes-multi-unet", "shapes-multi-unet-ft", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip",
+          "shapes-pixel", "shapes-multi-unet", "shapes-multi-unet-ft", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip",
           "shapes-targets", "shapes-probes")
 # Hyper-parameters of every stage (steps and n are multiplied by --shapes-scale).
 CONFIG = {
@@ -55,6 +56,12 @@ CONFIG = {
     # probe unmoved after 750 steps.
     "shapes-unet-ft": dict(seed_offset=3, calls=7, n=50000, steps=1250, batch=128, lr=5e-4, ema_decay=0.999,
                            snr_gamma=None, object_weight=0.0),
+    # the fallback when the latent prior misses the fidelity targets: a pixel-space UNet2DConditionModel
+    # (sd.PIXEL_UNET_CONFIG) + its own text encoder; cosine betas (Nichol & Dhariwal 2021; SD's scaled-linear ones
+    # are a latent schedule) rescaled to zero terminal SNR, v prediction, trailing steps, plain v-MSE, as shapes-unet
+    "shapes-pixel": dict(seed_offset=50, n=50000, steps=3000, batch=128, lr=1e-3, ema_decay=0.999, snr_gamma=None,
+                         scheduler=dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                                        rescale_betas_zero_snr=True, timestep_spacing="trailing")),
     "shapes-multi-unet": dict(seed_offset=1, n=30000, steps=800, batch=128, lr=1e-3, ema_decay=0.998),
     # continues the stored shapes-multi-sd with its own loss (Min-SNR-5 epsilon MSE) in warm restarts; 5 calls were
     # fixed beforehand, to stop early if a call gained < 0.005 in the worst concept's detector AUROC on the multi val
@@ -240,6 +247,7 @@ RUNNERS = {
     "shapes-reader": train_reader, "shapes-detector": train_detector, "shapes-vae": train_vae_stage,
     "shapes-vae-dec": train_vae_decoder_stage,
     "shapes-unet": train_unet_stage("shapes-sd", "single"), "shapes-unet-ft": train_unet_stage("shapes-sd", "single", finetune=True),
+    "shapes-pixel": train_unet_stage("shapes-pixel", "single"),
     "shapes-multi-unet": train_unet_stage("shapes-multi-sd", "multi"),
     "shapes-multi-unet-ft": train_unet_stage("shapes-multi-sd", "multi", finetune=True),
     "shapes-shape": train_encoder_stage("shapes-shape"), "shapes-color": train_encoder_stage("shapes-color"),
@@ -247,7 +255,7 @@ RUNNERS = {
     "shapes-targets": train_targets_stage, "shapes-probes": probes_stage,
 }
 # the stages that train on ``device``
-UNET_STAGES = ("shapes-unet", "shapes-unet-ft", "shapes-multi-unet", "shapes-multi-unet-ft")
+UNET_STAGES = ("shapes-unet", "shapes-unet-ft", "shapes-pixel", "shapes-multi-unet", "shapes-multi-unet-ft")
 META_NAME = {"shapes-unet": "shapes-sd", "shapes-unet-ft": "shapes-sd", "shapes-multi-unet": "shapes-multi-sd",
              "shapes-multi-unet-ft": "shapes-multi-sd"}
 FINETUNE_STAGES = ("shapes-unet-ft", "shapes-multi-unet-ft")

@@ -257,22 +257,25 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     Every 250 steps the log shows how much the (EMA) UNet's noise prediction changes when one factor's
     words change (``conditioning_probe``). ``device``: where the VAE encodes and the UNet and text encoder
     train (e.g. ``"cuda"``); every random draw stays on the CPU, so the data order, noise and timesteps are
-    the same on any device."""
+    the same on any device. ``name`` ``shapes-pixel`` trains the pixel-space prior instead (the issue's fallback):
+    no VAE, z0 = the render in [-1, 1], UNet ``sd.PIXEL_UNET_CONFIG``, saved by ``sd.save_pixel``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = S.sd_dir(name, out)
+    folder, pixel = S.sd_dir(name, out), name == S.PIXEL_NAME
     if init_from is not None and scheduler:
         raise ValueError("a continued UNet keeps its stored scheduler; do not pass scheduler overrides")
     if init_from is not None and not (Path(init_from) / "unet").is_dir():
         raise FileNotFoundError(f"{Path(init_from) / 'unet'} is missing: a continuation starts from a whole SD folder; "
                                 f"copy one there first (cp -r featinv/zoo/weights {out})")
-    if not (folder / "vae").is_dir():
+    if not pixel and not (folder / "vae").is_dir():
         raise FileNotFoundError(f"{folder / 'vae'} is missing: the UNet trains on that VAE's latents; run the "
                                 f"shapes-vae stage into {out} first or copy featinv/zoo/weights/{name}/vae there")
     device = torch.device(device)
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
-    vae.to(device)
+    vae = None
+    if not pixel:
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval().requires_grad_(False)
+        vae.to(device)
     # a continued UNet keeps the tokenizer its text encoder was trained with (older folders' ids differ)
     tok = T.build_tokenizer() if init_from is None else CLIPTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
     if init_from is not None:
@@ -285,20 +288,25 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     if prediction == "epsilon" and float(sched.alphas_cumprod[-1]) == 0:
         raise ValueError("a zero-terminal-SNR schedule needs v_prediction (epsilon is undefined at a = 0)")
     x, rows = W.load_split(mode, "train", n_train)
-    with torch.no_grad():
-        post = [vae.encode((x[i:i + 512] * 2 - 1).to(device)).latent_dist for i in range(0, len(x), 512)]
-    mu, std = torch.cat([p.mean.cpu() for p in post]), torch.cat([p.std.cpu() for p in post])
+    if pixel:
+        mu, std, scale = x * 2 - 1, None, 1.0
+    else:
+        with torch.no_grad():
+            post = [vae.encode((x[i:i + 512] * 2 - 1).to(device)).latent_dist for i in range(0, len(x), 512)]
+        mu, std = torch.cat([p.mean.cpu() for p in post]), torch.cat([p.std.cpu() for p in post])
+        scale = vae.config.scaling_factor
+        del post
     down = x.shape[-1] // mu.shape[-1]
-    del x, post
+    del x
     obj = F.avg_pool2d(W.masks(rows)["object"][:, None], down) if object_weight > 0 else None
-    scale = vae.config.scaling_factor
     torch.manual_seed(seed)
     if init_from is not None:
         init_from = Path(init_from)
         unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet"), local_files_only=True).float()
         text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"), local_files_only=True).float()
     else:
-        text, unet = S.build_text_encoder(len(tok)), S.build_unet(**(unet_over or {}))
+        unet_over = {**(S.PIXEL_UNET_CONFIG if pixel else {}), **(unet_over or {})}
+        text, unet = S.build_text_encoder(len(tok)), S.build_unet(**unet_over)
     text, unet = text.to(device), unet.to(device)
     ema_t, ema_u = (copy.deepcopy(m).eval().requires_grad_(False) for m in (text, unet))
     params = list(unet.parameters()) + list(text.parameters())
@@ -313,7 +321,7 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     for step in range(steps):
         ts = time.time()
         idx = next(batches)
-        z0 = scale * (mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen))
+        z0 = mu[idx] if pixel else scale * (mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen))
         caps = _captions(rows[idx.numpy()], cap_rng, p_empty, p_partial)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
@@ -346,10 +354,17 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
                 f"{conditioning_probe(ema_u, ema_t, tok, sched=sched)}, x0 t=800 "
                 f"{conditioning_probe(ema_u, ema_t, tok, t=800, sched=sched, space='x0')}")
     wall, cpu = time.time() - t0, time.process_time() - c0
-    S.save_sd(folder, unet=ema_u.cpu(), vae=vae.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
-    pipe = S.load_pipeline(folder)  # evaluate what is stored
-    test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
-    info = dict(architecture="diffusers UNet2DConditionModel + transformers CLIPTextModel (trained jointly)",
+    if pixel:
+        S.save_pixel(folder, unet=ema_u.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
+        stored = (UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True).float(),
+                  CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True), tok, None)
+    else:
+        S.save_sd(folder, unet=ema_u.cpu(), vae=vae.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
+        pipe = S.load_pipeline(folder)
+        stored = (pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae)
+    test_mse = eps_mse(*stored, sched, mode)  # evaluate what is stored
+    info = dict(architecture=f"diffusers UNet2DConditionModel ({'pixel space, 32x32x3' if pixel else 'latent'}) "
+                             "+ transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
                 scheduler={k: sched.config[k] for k in (*S.SCHEDULER_CONFIG, "rescale_betas_zero_snr",
                                                          "timestep_spacing", *(scheduler or {}))},
@@ -418,10 +433,11 @@ def conditioning_probe(unet, text, tok, t: int = 500, n: int = 16, sched=None, s
 
 @torch.no_grad()
 def eps_mse(unet, text, tok, vae, sched, mode: str, n: int = 512, timesteps=(50, 250, 500, 750, 950)) -> dict:
-    """Mean ||eps_pred - eps||^2 (any prediction type, converted) on test latents with their full captions at fixed timesteps."""
+    """Mean ||eps_pred - eps||^2 (any prediction type, converted) on test latents (``vae=None``: pixels in [-1, 1])
+    with their full captions at fixed timesteps."""
     gen = torch.Generator().manual_seed(1234)
     x, rows = W.load_split(mode, "test", n)
-    z0 = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    z0 = x * 2 - 1 if vae is None else vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     h = S.encode_captions(text, tok, W.captions(rows))
     res = {}
     for t in timesteps:
