@@ -337,6 +337,26 @@ def _is_stored_schedule(recorded: dict, name: str) -> bool:
     return bool(recorded) and all(stored.get(k) == v for k, v in recorded.items())
 
 
+def test_the_multi_object_prior_keeps_the_shapes_vae_stage_vae():
+    """shapes-vae-dec fine-tunes shapes-sd's decoder only and reads shapes-vae's VAE from shapes-multi-sd, which it
+    leaves alone: the two committed VAEs share encoder, quant_conv and scaling factor, and differ in the decoder
+    (a symlink between the two files once gave DEPICT's generator the fine-tuned decoder unnoticed)."""
+    from safetensors.torch import load_file
+
+    from featinv.zoo.shapes import sd as S
+
+    folders = [S.sd_dir(n) / "vae" for n in ("shapes-sd", "shapes-multi-sd")]
+    assert not any((f / "diffusion_pytorch_model.safetensors").is_symlink() for f in folders)
+    single, multi = (load_file(str(f / "diffusion_pytorch_model.safetensors")) for f in folders)
+    assert single.keys() == multi.keys()
+    kept = [k for k in single if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in single if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(single[k], multi[k]) for k in kept)
+    assert sum(not torch.equal(single[k], multi[k]) for k in tuned) > len(tuned) // 2
+    configs = [json.loads((f / "config.json").read_text())["scaling_factor"] for f in folders]
+    assert configs[0] == configs[1] == META["shapes-vae"]["scaling_factor"]
+
+
 def test_committed_weights_were_trained_with_the_configured_stages():
     """`python -m featinv.zoo.train --what shapes` must be the command that made the committed weights: every
     stage's recorded hyper-parameters equal its CONFIG (the VAE configured a third phase it never ran)."""
