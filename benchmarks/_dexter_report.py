@@ -26,7 +26,7 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     L = ["# DEXTER / DiffExplainer on the shapes world's target classifiers (issue 15)\n",
          f"Commit `{meta['commit']}`; command `{meta['command']}`; seed {meta['seed']} (DEXTER's soft prompt, "
          f"Gumbel draws and fixed noise seeds {meta['seed']}..; activation-score samples seeds 10000+; AM baselines "
-         f"seeds 20000+); machine: {meta['machine']}; torch {meta['torch']}; wall time {meta['seconds']} s"
+         f"and the counterfactual sweep seeds 20000+; restart-selection samples (select='best') 30000+); machine: {meta['machine']}; torch {meta['torch']}; wall time {meta['seconds']} s"
          + (" (SMOKE: random-init models, plumbing only)" if meta.get("smoke") else "") + ".\n",
          "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
          "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "

@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
     res["reader_on_test_renders"] = single_acc(xt, rt, reader)
     res["detector_on_test_renders"] = multi_scores(xm, rm, detector)
     res["vae_reconstruction"] = single_acc(reconstruct(pipe.vae, xt), rt, reader)
-    res["vae_reconstruction_multi"] = multi_scores(reconstruct(pipe.vae, xm), rm, detector)
+    mpipe = S.load_pipeline(S.sd_dir("shapes-multi-sd", args.weights))  # its own VAE: shapes-vae's decoder
+    res["vae_reconstruction_multi"] = multi_scores(reconstruct(mpipe.vae, xm), rm, detector)
 
     # -- caption-conditioned and empty prompt, single -------------------------------------------------
     _, rv = W.load_split("single", "val", args.n_val)
@@ -144,7 +145,6 @@ def main(argv=None) -> dict:
     res["empty_prompt"], gen_e = empty_fidelity(pipe, reader, rt, args.n, args.seed, args.steps)
 
     # -- multi-object -----------------------------------------------------------------------------
-    mpipe = S.load_pipeline(S.sd_dir("shapes-multi-sd", args.weights))
     xmv, rmv = W.load_split("multi", "val", args.n_val)
     msel = {}
     for s in grid_scales:

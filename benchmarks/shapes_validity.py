@@ -173,6 +173,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/shapes_validity")
     ap.add_argument("--text-methods", default='["fast", "unguided"]', help="JSON list for the text experiment")
     ap.add_argument("--no-text", action="store_true")
+    ap.add_argument("--prior", default="zoo:shapes-sd",
+                    help="prior spec for every run (e.g. zoo:shapes-pixel, the pixel-space fallback); the configs' "
+                         "guidance weights were chosen on val for zoo:shapes-sd")
     a = ap.parse_args()
     t0 = time.time()
     work = Path(a.work)
@@ -182,10 +185,12 @@ def main():
         recs = []
         for seed in a.seeds:
             recs += run(f"configs/shapes/invert_{enc}.yaml", work / f"{enc}-s{seed}", seed,
-                        ["--data.datasets.init_args.limit", str(a.n), "--model.methods", a.methods])
+                        ["--data.datasets.init_args.limit", str(a.n), "--model.methods", a.methods,
+                         "--model.prior", a.prior])
         rows += analyse(recs, enc, probe)
         print(json.dumps([r for r in rows if r["encoder"] == enc], default=str)[:2000], flush=True)
-    text = [] if a.no_text else text_experiment(work, a.seeds, ["--model.methods", a.text_methods])
+    text = [] if a.no_text else text_experiment(work, a.seeds, ["--model.methods", a.text_methods,
+                                                                "--model.prior", a.prior])
     write(rows, text, a, time.time() - t0)
 
 
@@ -196,11 +201,12 @@ def write(rows: list[dict], text: list[dict], a, wall: float) -> None:
                  if r.get(f"probe_{k}") is not None]
         rhos[m] = spearman([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) > 2 else float("nan")
     cmd = (f"python benchmarks/shapes_validity.py --n {a.n} --seeds {' '.join(map(str, a.seeds))} "
-           f"--encoders {' '.join(a.encoders)} --methods '{a.methods}' --text-methods '{a.text_methods}'")
+           f"--encoders {' '.join(a.encoders)} --methods '{a.methods}' --text-methods '{a.text_methods}'"
+           + (f" --prior {a.prior}" if a.prior != "zoo:shapes-sd" else ""))
     lines = ["# Ground-truth validity of inversion in the shapes world\n",
              f"Commit `{commit()}`, `{cmd}`, seeds {a.seeds}, {a.n} test scenes per seed, "
              f"{platform.machine()} with {os.cpu_count()} CPU cores, wall {wall / 60:.1f} min.",
-             "Prior `zoo:shapes-sd` (empty prompt); judge `zoo:shapes-reader` (never guides). r = retention "
+             f"Prior `{a.prior}` (empty prompt); judge `zoo:shapes-reader` (never guides). r = retention "
              "(1: the factor is kept, 0: chance), TV = total variation of the outputs' factor histogram from the "
              "unguided prior's, probe = held-out linear-probe accuracy of the encoder's feature.\n",
              "Spearman(retention, probe accuracy) over the (encoder, factor) pairs, per method: "

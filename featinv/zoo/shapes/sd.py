@@ -8,8 +8,10 @@ fine-tunes do; ``shapes-multi-sd``: SD 1.x's epsilon schedule, ``SCHEDULER_CONFI
 ``StableDiffusionPipeline.save_pretrained`` (no safety checker / feature extractor), so the folder loads
 unchanged in diffusers and through ``featinv.priors.LatentPrior.from_pretrained``.
 
-Two such folders share one VAE: ``shapes-sd`` (single-object scenes; its empty prompt is the
-unconditional prior inversion uses) and ``shapes-multi-sd`` (DEPICT's multi-object scenes).
+Two such folders: ``shapes-multi-sd`` (DEPICT's multi-object scenes) with the ``shapes-vae`` stage's VAE, and
+``shapes-sd`` (single-object scenes; its empty prompt is the unconditional prior inversion uses) with the same VAE
+whose decoder ``shapes-vae-dec`` fine-tuned (same encoder, so the same latents; two files, never a link). A third
+folder, ``shapes-pixel``, is the issue's pixel-space fallback: no VAE, a UNet on 32x32 pixels (``PIXEL_UNET_CONFIG``).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_bloc
 # 32 -> 16 -> 8 with cross-attention at 8x8 (and the 8x8 mid block): 1.25 M params, ~1.1 s per batch of 128 on
 # 2 CPU cores, as fast as the latent UNet's 2.4 M at 8x8 (cross-attention at 32x32 and 16x16 costs 4x)
 PIXEL_UNET_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-                         block_out_channels=(32, 48, 64), down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                         block_out_channels=(32, 48, 64),
+                         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=64,
                          attention_head_dim=32, norm_num_groups=16)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -104,7 +107,7 @@ def save_pixel(folder: Path, *, unet, text_encoder, tokenizer, scheduler) -> Pat
 
 @dataclass
 class PixelPipeline:
-    """The pixel prior's parts under a ``StableDiffusionPipeline``'s attribute names (``vae`` None), for ``generate``."""
+    """The pixel prior's parts under a ``StableDiffusionPipeline``'s names (``vae`` None), for ``generate``."""
     unet: object
     text_encoder: object
     tokenizer: object

@@ -28,8 +28,8 @@ from featinv.zoo.provenance import env_info, save_weights, update_meta
 from featinv.zoo.shapes import world as W
 
 STAGES = ("shapes-reader", "shapes-detector", "shapes-vae", "shapes-vae-dec", "shapes-unet", "shapes-unet-ft",
-          "shapes-pixel", "shapes-multi-unet", "shapes-multi-unet-ft", "shapes-shape", "shapes-color", "shapes-invariant", "shapes-clip",
-          "shapes-targets", "shapes-probes")
+          "shapes-pixel", "shapes-multi-unet", "shapes-multi-unet-ft", "shapes-shape", "shapes-color", "shapes-invariant",
+          "shapes-clip", "shapes-targets", "shapes-probes")
 # Hyper-parameters of every stage (steps and n are multiplied by --shapes-scale).
 CONFIG = {
     "shapes-reader": dict(seed_offset=1000, n=40000, steps=2500, batch=128, lr=2e-3, width=48),

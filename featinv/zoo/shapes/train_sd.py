@@ -1,4 +1,4 @@
-"""Training of the shapes world's latent diffusion models: the shared VAE, then UNet + text encoder.
+"""Training of the shapes world's diffusion models: the VAE (both latent priors use it), then UNet + text encoder.
 
 VAE: ``AutoencoderKL`` on train renders of both modes (75 % single, 25 % multi), loss: per-pixel
 MSE + L1 on [-1, 1], weighted 1 + ``object_weight`` on (3x3-dilated) object pixels (objects cover a few
@@ -111,7 +111,7 @@ def train_vae(out: Path, *, seed: int, phases: list, batch: int, kl_weight: floa
     from diffusers import AutoencoderKL
 
     x, dil, boost = vae_training_data(n_single, n_multi)
-    stored = S.sd_dir("shapes-sd", out) / "vae"
+    stored = S.sd_dir("shapes-multi-sd", out) / "vae"  # shapes-vae-dec later replaces shapes-sd's decoder, never this
     infos = []
     for k, (steps, lr, object_weight, small_boost) in enumerate(phases, 1):
         if k < start_phase:
