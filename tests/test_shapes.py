@@ -369,7 +369,10 @@ def test_committed_weights_were_trained_with_the_configured_stages():
         assert [c["seed"] for c in calls] == [cfg["seed_offset"] + k for k in range(cfg["calls"])], stage
         assert all(c["hyperparameters"] == cfg and c["init_from"] == name for c in calls), stage
         assert all(_is_stored_schedule(c["scheduler"], name) for c in calls)  # a continuation keeps its schedule
+    assert not set(ST.OPT_IN_STAGES) & set(META)  # opt-in stages' weights are not committed
     for stage, cfg in ST.CONFIG.items():
+        if stage in ST.OPT_IN_STAGES:
+            continue
         entry = META[ST.META_NAME.get(stage, stage)]
         hp = entry["hyperparameters"] if stage not in ST.FINETUNE_STAGES else entry["finetune"][-1]["hyperparameters"]
         for key, value in cfg.items():
@@ -389,7 +392,9 @@ def test_training_stages_expand_in_order():
     full = ST.expand(["shapes"])
     assert full[:6] == ["shapes-reader", "shapes-detector", "shapes-vae", "shapes-vae-dec", "shapes-unet",
                         "shapes-unet-ft"]
-    assert full == list(ST.STAGES) and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
+    assert full == [s for s in ST.STAGES if s not in ST.OPT_IN_STAGES] and ST.expand(["shapes-unet-ft"]) == ["shapes-unet-ft"]
+    assert "shapes-pixel" not in full and ST.expand(["shapes-pixel"]) == ["shapes-pixel"]
+    assert ST.expand(["shapes", "shapes-pixel"]) == list(ST.STAGES)
     assert ST.expand(["shapes-color", "shapes-reader"]) == ["shapes-reader", "shapes-color"]
     with pytest.raises(ValueError, match="unknown shapes stage"):
         ST.expand(["shapes-nope"])
@@ -556,6 +561,13 @@ def test_unet_stage_trains_a_zero_terminal_snr_v_prediction_sd_folder(tmp_path):
     assert set(meta["conditioning_probe"]) == {"eps_t500", "x0_t800"}
     x = S.generate(pipe, ["a small red circle at the top left on a gray background"], seeds=[0], steps=4)
     assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_pixel_prior_without_weights_is_refused_naming_the_training_command(tmp_path):
+    import featinv
+
+    with pytest.raises(FileNotFoundError, match="--what shapes-pixel"):
+        featinv.build_prior(f"zoo:shapes-pixel?path={tmp_path}")
 
 
 @pytest.mark.slow

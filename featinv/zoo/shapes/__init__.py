@@ -49,9 +49,12 @@ def shapes_sd_dir(name: str = "shapes-sd", root: str | Path | None = None) -> Pa
 
     folder = sd_dir(name, root)
     marker = folder / ("unet/config.json" if name == PIXEL_NAME else "model_index.json")
+    if not marker.exists() and name == PIXEL_NAME:
+        raise FileNotFoundError(f"{folder} has no {name} prior: the pixel-space fallback is not committed (measured, not "
+                                f"adopted: docs/design.md); train it (~62 min on 2 CPU cores) with `python -m "
+                                f"featinv.zoo.train --what shapes-pixel --out DIR` and use zoo:shapes-pixel?path=DIR")
     if not marker.exists():
-        raise FileNotFoundError(f"{folder} is not a trained {name} folder; run `python -m featinv.zoo.train --what "
-                                f"{'shapes-pixel' if name == PIXEL_NAME else 'shapes'}`")
+        raise FileNotFoundError(f"{folder} is not a trained {name} folder; run `python -m featinv.zoo.train --what shapes`")
     return folder
 
 
