@@ -111,8 +111,9 @@ def empty_fidelity(pipe, reader, rt, n: int, seed: int, steps: int) -> tuple[dic
     return res, gen_e
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def fidelity_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the fidelity protocol (also ``shapes_prior_pixel.py``'s)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--n-val", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -122,7 +123,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", type=Path, default=S.WEIGHTS_DIR)
     ap.add_argument("--no-meta", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the tables (default benchmarks/results)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = fidelity_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     grid_scales = [float(s) for s in args.cfg_grid.split(",")]

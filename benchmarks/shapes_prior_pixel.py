@@ -12,7 +12,6 @@ a grid ``shapes_prior_pixel_grid.png`` and (unless ``--no-meta``) ``meta.json``'
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,13 +26,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import commit  # noqa: E402
-from shapes_prior import caption_fidelity, empty_fidelity  # noqa: E402
+from shapes_prior import caption_fidelity, empty_fidelity, fidelity_parser  # noqa: E402
 
 from featinv.zoo.shapes import reader as R  # noqa: E402
 from featinv.zoo.shapes import sd as S  # noqa: E402
 from featinv.zoo.shapes import world as W  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PRIORS = ("shapes-sd", S.PIXEL_NAME)
 
 
@@ -51,17 +49,7 @@ def training_cost(meta: dict, name: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--n-val", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg-grid", default="1.5,2,3,4,6")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--weights", type=Path, default=S.WEIGHTS_DIR)
-    ap.add_argument("--no-meta", action="store_true")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    args = fidelity_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     scales = [float(s) for s in args.cfg_grid.split(",")]
