@@ -229,7 +229,10 @@ def main():
     ap.add_argument("--parts", default="dexter,baselines", help="comma list of dexter, baselines, diffexplainer")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="validation: configs to try")
     ap.add_argument("--out", default="benchmarks/results/dexter")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="optimisation, sampling and baseline seeds")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="the val / test class split; keep it fixed when repeating a phase with other --seed values "
+                         "(a different split puts test classes into val)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="only the first N classifiers (quick checks)")
     ap.add_argument("--smoke", action="store_true", help="random-init prior and classifiers (plumbing check only)")
@@ -243,13 +246,14 @@ def main():
     torch.set_num_threads(a.threads)
     t_start = time.time()
     prior, reader, mlm, load_clf = load_world(a.smoke)
-    split = split_classes(a.seed)
+    split = split_classes(a.split_seed)
     names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
     items = [(n, k) for n in names for k in split[n]["val" if a.phase == "val-rule" else a.phase]]
     parts = a.parts.split(",")
     clfs = {n: load_clf(n).to(prior.device) for n in names}
     command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
-    meta = dict(commit=commit(), command=command, seed=a.seed, phase=a.phase, smoke=a.smoke, quick=a.quick,
+    meta = dict(commit=commit(), command=command, seed=a.seed, split_seed=a.split_seed, phase=a.phase, smoke=a.smoke,
+                quick=a.quick,
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {a.threads}",
                 torch=torch.__version__, split=split)
     if a.phase == "val":
@@ -335,6 +339,9 @@ def validate_rule(a, prior, reader, mlm, clfs, items, meta, t_start):
 
 def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
     val = json.loads(Path(a.out + "_val.json").read_text())
+    if val["meta"].get("split", meta["split"]) != meta["split"]:
+        sys.exit(f"{a.out}_val.json was chosen on another class split (--split-seed "
+                 f"{val['meta'].get('split_seed', val['meta']['seed'])}); run --phase test with that --split-seed")
     cfg, w = val["config"], val["guided_weight"]
     rows, pics = [], []
     for name, k in items:
