@@ -356,13 +356,10 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     wall, cpu = time.time() - t0, time.process_time() - c0
     if pixel:
         S.save_pixel(folder, unet=ema_u.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
-        stored = (UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True).float(),
-                  CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True), tok, None)
     else:
         S.save_sd(folder, unet=ema_u.cpu(), vae=vae.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
-        pipe = S.load_pipeline(folder)
-        stored = (pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae)
-    test_mse = eps_mse(*stored, sched, mode)  # evaluate what is stored
+    pipe = S.load_pipeline(folder)  # evaluate what is stored (a PixelPipeline for the pixel prior)
+    test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
     info = dict(architecture=f"diffusers UNet2DConditionModel ({'pixel space, 32x32x3' if pixel else 'latent'}) "
                              "+ transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
