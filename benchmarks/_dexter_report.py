@@ -20,6 +20,14 @@ def _table(cols, rows):
     return "\n".join(out)
 
 
+def _val_source(val) -> str:
+    """The validation commands behind ``val`` (one per seed, then the pooling command)."""
+    if "val_meta" not in val:  # one seed, chosen by --phase val itself (before --phase choose)
+        return f"`{val['meta']['command']}`, commit `{val['meta']['commit']}`"
+    runs = "; ".join(f"`{m['command']}` (commit `{m['commit']}`, {m['seconds']} s)" for m in val["val_meta"])
+    return f"{runs}; pooled by `{val['meta']['command']}`"
+
+
 def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     dex = [r for r in rows if r["mode"] == "dexter"]
     dif = [r for r in rows if r["mode"] == "diffexplainer"]
@@ -31,11 +39,11 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
          "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
          "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "
          "readings (docs/dexter.md). Hyper-parameters were chosen on one validation class per classifier "
-         f"(`{val['meta']['command']}`, commit `{val['meta']['commit']}`); this page reports the two test classes "
-         "per classifier (disjoint, seeded draw).\n",
+         f"({_val_source(val)}); this page reports the two test classes per classifier (disjoint, seeded draw).\n",
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
     # validation table
-    L.append("## Validation (one class per classifier, 8 runs per config)\n")
+    seeds = val.get("seeds", [val["meta"]["seed"]])
+    L.append(f"## Validation (one class per classifier; seeds {', '.join(map(str, seeds))}, runs pooled)\n")
     sel = val.get("selection_f1", "sweep_run_f1")  # the F1 in the selection criterion
     sel_rule = sel.split("_")[0]
 
@@ -47,11 +55,13 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     L.append(_table(vc, [[c, s["activation"], prf(s, "sweep"), prf(s, "contrast"),
                           f"{_f(s['run_precision'])} / {_f(s['run_recall'])}", s["class_word"],
                           s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
-    rule = val.get("rule", "sweep")  # the counterfactual rule of the criteria (--phase val-rule; else sweep)
+    if "per_seed_selection" in val:
+        L.append("\nSelection per seed: " + "; ".join(
+            f"seed {s}: " + ", ".join(f"{c} {v:.3f}" for c, v in sel_s.items())
+            for s, sel_s in val["per_seed_selection"].items()) + ".\n")
+    rule = val.get("rule", "sweep")  # the counterfactual rule of the criteria (chosen on val; else sweep)
     if "rule_summary" in val:
-        m = val["rule_meta"]
-        where = ("read from the chosen config's runs above" if "note" in m else
-                 f"`{m['command']}`, commit `{m['commit']}`, {m['seconds']} s")
+        where = "read from the chosen config's runs above"
         L.append(f"\nCounterfactual rule, chosen on the same validation classes with the chosen config "
                  f"({where}; mean activation {val['rule_activation']:.2f}): the higher run-level bias F1.\n")
         L.append(_table(["rule", "bias P / R / F1 (run)", "bias P / R (classifier)"],
@@ -59,7 +69,7 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                           f"{_f(x['clf_precision'])} / {_f(x['clf_recall'])}"] for r, x in val["rule_summary"].items()]))
         L.append(f"\nChosen: {rule} rule.\n")
     if val.get("guided"):
-        L.append("\nGuided AM (25 steps, 32 images per class) success on validation by weight: "
+        L.append("\nGuided AM (25 steps, 32 images per class and seed) success on validation by weight (seed mean): "
                  + ", ".join(f"w={w}: {v:.2f}" for w, v in val["guided"].items()) + "\n")
     # headline
     L.append("\n## Test: what must hold\n")

@@ -1,8 +1,9 @@
 """DEXTER / DiffExplainer on the shapes world's target classifiers, against activation maximisation.
 
-    python benchmarks/dexter.py --phase val      # choose hyper-parameters on the validation classes
-    python benchmarks/dexter.py --phase val-rule # then the counterfactual reporter rule (sweep / contrast)
-    python benchmarks/dexter.py --phase test     # report with the chosen ones on the test classes
+    python benchmarks/dexter.py --phase val --seed 0 --threads 1 &   # every config on the validation classes,
+    python benchmarks/dexter.py --phase val --seed 1 --threads 1; wait  # one run per seed (in parallel on 2 cores)
+    python benchmarks/dexter.py --phase choose --seeds 0,1            # pool the seeds: config, guided weight, rule
+    python benchmarks/dexter.py --phase test                          # report with the chosen ones on the test classes
     python benchmarks/dexter.py --phase val --smoke --quick --limit 1   # CI-sized plumbing check (random models)
 
 Every single-object target classifier of the shapes world (``featinv.zoo.shapes.targets``: 4 with a
@@ -17,14 +18,15 @@ disjoint). For each (classifier, class):
   ``ClassLogit`` objective; success = share classified as the class (and the reader's class rate);
 * optionally DiffExplainer (``--parts ...,diffexplainer``): soft tokens, scored like DEXTER.
 
-Validation: every config of ``CONFIGS`` (and the guided baseline's weights) on the 8 validation classes;
-the chosen config maximises mean activation score + bias-detection F1 (run level, counterfactual rule:
-``reporter.sweep_report``, ``SWEEP_SAMPLES`` samples per variant prompt; the frame rule's numbers are
-reported beside it); written to
-``<out>_val.json``, which ``--phase test`` reads; ``--phase val-rule`` then reads the chosen config's
-validation runs by both counterfactual rules (``reporter.sweep_report`` / ``contrast_report``) and adds the
-one with the higher run-level F1 (the test criteria use it; the other is reported beside it). Outputs: ``<out>.md`` (tables stamped with commit,
-command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``, ``<out>_grid.png``.
+Validation: ``--phase val --seed S`` runs every config of ``--configs`` (and the guided baseline's weights)
+on the 8 validation classes and writes ``<out>_val_seed<S>.json`` / ``.csv``. ``--phase choose --seeds ...``
+pools those seeds (``pool_val``): the chosen config maximises the seed-mean of mean activation score +
+bias-detection F1 (run level, ``SELECT_F1``: the counterfactual contrast rule, ``SWEEP_SAMPLES`` samples per
+variant prompt; the other rules' numbers are reported beside it); the guided weight maximises its seed-mean
+success; the counterfactual rule (``reporter.sweep_report`` / ``contrast_report``) is the one with the higher
+run-level F1 over the chosen config's runs of all seeds. It writes ``<out>_val.json``, which ``--phase test``
+reads. Outputs: ``<out>.md`` (tables stamped with commit, command, seeds, machine), ``<out>_runs.csv``,
+``<out>_val.csv``, ``<out>_grid.png``.
 """
 from __future__ import annotations
 
@@ -225,11 +227,12 @@ def classifier_meta() -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["val", "val-rule", "test"], required=True)
+    ap.add_argument("--phase", choices=["val", "choose", "test"], required=True)
     ap.add_argument("--parts", default="dexter,baselines", help="comma list of dexter, baselines, diffexplainer")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="validation: configs to try")
     ap.add_argument("--out", default="benchmarks/results/dexter")
     ap.add_argument("--seed", type=int, default=0, help="optimisation, sampling and baseline seeds")
+    ap.add_argument("--seeds", default="0,1", help="--phase choose: the validation seeds to pool")
     ap.add_argument("--split-seed", type=int, default=0,
                     help="the val / test class split; keep it fixed when repeating a phase with other --seed values "
                          "(a different split puts test classes into val)")
@@ -244,44 +247,50 @@ def main():
         for c in list(CONFIGS.values()) + [DIFFEXPLAINER]:
             c.update(steps=3, score_samples=8)
     torch.set_num_threads(a.threads)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     t_start = time.time()
-    prior, reader, mlm, load_clf = load_world(a.smoke)
     split = split_classes(a.split_seed)
-    names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
-    items = [(n, k) for n in names for k in split[n]["val" if a.phase == "val-rule" else a.phase]]
-    parts = a.parts.split(",")
-    clfs = {n: load_clf(n).to(prior.device) for n in names}
     command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
     meta = dict(commit=commit(), command=command, seed=a.seed, split_seed=a.split_seed, phase=a.phase, smoke=a.smoke,
                 quick=a.quick,
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {a.threads}",
                 torch=torch.__version__, split=split)
+    if a.phase == "choose":
+        return choose(a, meta)
+    prior, reader, mlm, load_clf = load_world(a.smoke)
+    names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
+    items = [(n, k) for n in names for k in split[n][a.phase]]
+    parts = a.parts.split(",")
+    clfs = {n: load_clf(n).to(prior.device) for n in names}
     if a.phase == "val":
         return validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
-    if a.phase == "val-rule":
-        return validate_rule(a, prior, reader, mlm, clfs, items, meta, t_start)
     return test(a, prior, reader, mlm, clfs, items, meta, parts, t_start)
 
 
+def summarise(rows: list[dict]) -> dict:
+    """One config's validation runs: mean activation, the bias P/R/F1 of every reporter rule, class-word rate,
+    seconds and the selection score (mean activation + ``SELECT_F1``)."""
+    unb = [r for r in rows if not r["bias_factor"]]
+    out = dict(activation=float(np.mean([r["activation_score"] for r in rows])), **bias_prf(rows),
+               class_word=float(np.mean([r["class_word"] for r in unb])) if unb else float("nan"),
+               seconds=float(np.sum([r["seconds"] for r in rows])))
+    for rule in RULES:
+        out.update({f"{rule}_{k}": v for k, v in bias_prf(rows, rule + "_").items()})
+    out["selection"] = out["activation"] + out[SELECT_F1]
+    return out
+
+
 def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
+    """Every config and guided weight on the validation classes with one seed -> ``<out>_val_seed<S>.json``."""
     rows, summary = [], {}
     for cname in a.configs.split(","):
-        cfg = CONFIGS[cname]
         crow = []
         for name, k in items:
-            row, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, cfg, "dexter", a.seed)
-            row["config"] = cname
+            row, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, CONFIGS[cname], "dexter", a.seed)
+            row.update(config=cname, seed=a.seed)
             crow.append(row)
             print(json.dumps(row), flush=True)
-        prf, sweep = bias_prf(crow), bias_prf(crow, "sweep_")
-        unb = [r for r in crow if not r["bias_factor"]]
-        summary[cname] = dict(activation=float(np.mean([r["activation_score"] for r in crow])), **prf,
-                              **{"sweep_" + k: v for k, v in sweep.items()},
-                              class_word=float(np.mean([r["class_word"] for r in unb])) if unb else float("nan"),
-                              seconds=float(np.sum([r["seconds"] for r in crow])))
-        contrast = bias_prf(crow, "contrast_")
-        summary[cname].update({"contrast_" + k: v for k, v in contrast.items()})
-        summary[cname]["selection"] = summary[cname]["activation"] + summary[cname][SELECT_F1]
+        summary[cname] = summarise(crow)
         print(cname, json.dumps(summary[cname]), flush=True)
         rows += crow
     guided = {}
@@ -293,51 +302,72 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
                 method = get_method("fast", name="guided", steps=25, recurrence=1, early_steps=0, weight=w,
                                     objective=ClassLogit(k))
                 n = min(32, N_AM)
-                res = method(prior, clfs[name], torch.zeros(n, len(info["classes"])), make_generators(range(n)))
+                gens = make_generators(range(1000 * a.seed, 1000 * a.seed + n))
+                res = method(prior, clfs[name], torch.zeros(n, len(info["classes"])), gens)
                 with torch.no_grad():
                     s.append(float((clfs[name](res.images).argmax(1) == k).float().mean()))
-            guided[w] = float(np.mean(s))
-            print("guided weight", w, guided[w], flush=True)
-    best = max(summary, key=lambda c: summary[c]["selection"])
-    best_w = max(guided, key=guided.get) if guided else GUIDED_WEIGHTS[0]
-    best_rows = [r for r in rows if r["config"] == best]
-    rules = {r: bias_prf(best_rows, r + "_") for r in RULES}
-    rule = max(RULES, key=lambda r: (rules[r]["run_f1"], -RULES.index(r)))
-    out = dict(meta={**meta, "seconds": round(time.time() - t_start)}, summary=summary, chosen=best,
-               config=CONFIGS[best], guided=guided, guided_weight=best_w, selection_f1=SELECT_F1,
-               rule=rule, rule_summary=rules, rule_meta=dict(meta, note="read from the chosen config's val runs"),
-               rule_activation=summary[best]["activation"])
-    Path(a.out + "_val.json").write_text(json.dumps(out, indent=1))
-    _csv(rows, a.out + "_val.csv")
-    print(f"chosen: {best} {CONFIGS[best]}; guided weight {best_w}; rule {rule}")
+            guided[str(w)] = float(np.mean(s))
+            print("guided weight", w, guided[str(w)], flush=True)
+    out = dict(meta={**meta, "seconds": round(time.time() - t_start)}, configs=a.configs.split(","),
+               config_values={c: CONFIGS[c] for c in a.configs.split(",")}, summary=summary, guided=guided, rows=rows)
+    path = f"{a.out}_val_seed{a.seed}.json"
+    Path(path).write_text(json.dumps(out, indent=1))
+    _csv(rows, f"{a.out}_val_seed{a.seed}.csv")
+    print(f"wrote {path}; next: python benchmarks/dexter.py --phase choose --seeds ...", flush=True)
 
 
 RULES = ("sweep", "contrast")  # counterfactual reporter rules; the first wins ties
 
 
-def validate_rule(a, prior, reader, mlm, clfs, items, meta, t_start):
-    """After ``--phase val``: the chosen config's runs on the validation classes read by both counterfactual
-    rules (one sweep, two reports); the rule with the higher run-level bias F1 is added to ``<out>_val.json``
-    and used by ``--phase test`` for the criteria (the other is reported beside it)."""
-    path = Path(a.out + "_val.json")
-    if not path.exists():
-        sys.exit(f"{path} not found: run --phase val first")
-    val = json.loads(path.read_text())
-    rows = []
-    for name, k in items:
-        row, _, _ = run_item(prior, reader, mlm, clfs[name], name, k, val["config"], "dexter", a.seed)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    summary = {r: bias_prf(rows, r + "_") for r in RULES}
-    rule = max(RULES, key=lambda r: (summary[r]["run_f1"], -RULES.index(r)))
-    val.update(rule=rule, rule_summary=summary, rule_meta={**meta, "seconds": round(time.time() - t_start)},
-               rule_activation=float(np.mean([r["activation_score"] for r in rows])))
-    path.write_text(json.dumps(val, indent=1))
-    _csv(rows, a.out + "_val_rule.csv")
-    print("rule:", rule, {r: {k: summary[r][k] for k in ("run_precision", "run_recall", "run_f1")} for r in RULES})
+def pool_val(runs: list[dict]) -> dict:
+    """Pool per-seed validation files (``validate``'s output) into the choice ``--phase test`` reads: the config
+    with the best selection over the pooled runs (earlier config wins ties), the guided weight with the best
+    seed-mean success, the counterfactual rule with the higher run-level F1 over the chosen config's runs."""
+    metas = [r["meta"] for r in runs]
+    for m in metas[1:]:
+        if m["split"] != metas[0]["split"]:
+            sys.exit("the validation runs were made on different class splits (--split-seed); pool runs of one split")
+    if len({m["seed"] for m in metas}) != len(metas):
+        sys.exit("two validation runs share a seed; pool distinct seeds")
+    configs = [c for c in runs[0]["configs"] if all(r["config_values"].get(c) == runs[0]["config_values"][c]
+                                                    for r in runs)]
+    if not configs:
+        sys.exit("the validation runs share no config; run --phase val with the same --configs for every seed")
+    rows = [row for r in runs for row in r["rows"] if row["config"] in configs]
+    summary = {c: summarise([row for row in rows if row["config"] == c]) for c in configs}
+    best = max(configs, key=lambda c: (summary[c]["selection"], -configs.index(c)))
+    weights = [w for w in runs[0]["guided"] if all(w in r["guided"] for r in runs)]
+    guided = {w: float(np.mean([r["guided"][w] for r in runs])) for w in weights}
+    best_w = float(max(guided, key=guided.get)) if guided else GUIDED_WEIGHTS[0]
+    best_rows = [row for row in rows if row["config"] == best]
+    rules = {r: bias_prf(best_rows, r + "_") for r in RULES}
+    rule = max(RULES, key=lambda r: (rules[r]["run_f1"], -RULES.index(r)))
+    per_seed = {str(m["seed"]): {c: summarise([row for row in r["rows"] if row["config"] == c])["selection"]
+                                 for c in configs} for m, r in zip(metas, runs)}
+    return dict(summary=summary, chosen=best, config=runs[0]["config_values"][best], guided=guided, guided_weight=best_w,
+                selection_f1=SELECT_F1, rule=rule, rule_summary=rules, rule_activation=summary[best]["activation"],
+                per_seed_selection=per_seed, seeds=[m["seed"] for m in metas],
+                val_meta=[{k: m[k] for k in ("commit", "command", "seed", "machine", "seconds")} for m in metas],
+                rows=rows)
+
+
+def choose(a, meta):
+    paths = [Path(f"{a.out}_val_seed{s}.json") for s in a.seeds.split(",")]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not found: run --phase val --seed S for each of --seeds first")
+    pooled = pool_val([json.loads(p.read_text()) for p in paths])
+    rows = pooled.pop("rows")
+    meta = {**meta, "seeds": pooled["seeds"], "split": json.loads(paths[0].read_text())["meta"]["split"]}
+    Path(a.out + "_val.json").write_text(json.dumps(dict(meta=meta, **pooled), indent=1))
+    _csv(rows, a.out + "_val.csv")
+    print(f"chosen: {pooled['chosen']} {pooled['config']}; guided weight {pooled['guided_weight']}; "
+          f"rule {pooled['rule']}; selection per seed {pooled['per_seed_selection']}")
 
 
 def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
+    if not Path(a.out + "_val.json").exists():
+        sys.exit(f"{a.out}_val.json not found: run --phase val per seed, then --phase choose")
     val = json.loads(Path(a.out + "_val.json").read_text())
     if val["meta"].get("split", meta["split"]) != meta["split"]:
         sys.exit(f"{a.out}_val.json was chosen on another class split (--split-seed "
