@@ -546,3 +546,58 @@ def test_notebook_executes_reduced(monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "explanation words:" in text and "activation score" in text and "nearest words:" in text
     assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 1
+
+
+def _bench_dexter():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(root))  # dexter.py imports benchmarks/_common
+    try:
+        spec = importlib.util.spec_from_file_location("bench_dexter", root / "dexter.py")
+        B = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(B)
+    finally:
+        sys.path.remove(str(root))
+    return B
+
+
+def _val_row(config, act, biased, found, false_flags=0, name="c"):
+    row = dict(classifier=name, config=config, activation_score=act, class_word=True, seconds=1.0,
+               bias_factor="background" if biased else "")
+    for p in ("", "sweep_", "contrast_"):
+        row.update({p + "bias_found": found if biased else "", p + "false_flags": false_flags,
+                    p + "flags": ";".join(["background=black"] * bool(found) + ["color=red"] * false_flags)})
+    return row
+
+
+def test_dexter_benchmark_pools_validation_seeds_and_refuses_mixed_runs():
+    """benchmarks/dexter.py --phase choose: a tie on seed 0 is broken by seed 1 (pooled runs, not the first
+    seed); the guided weight is the seed mean's best; runs of another class split, a repeated seed or a config
+    whose values changed between seeds are refused or left out."""
+    B = _bench_dexter()
+    cfg = {"a": {"steps": 1}, "b": {"steps": 2}}
+
+    def run(seed, b_act, split=None, cfg_b=None, guided=(0.5, 0.4)):
+        rows = [_val_row("a", 1.0, True, True, name="x"), _val_row("a", 0.5, False, False, name="y"),
+                _val_row("b", b_act, True, True, name="x"), _val_row("b", 1.0, False, False, name="y")]
+        return dict(meta=dict(seed=seed, split=split or {"x": {"val": [0]}}, commit="c", command=f"val {seed}",
+                              machine="m", seconds=1), configs=["a", "b"],
+                    config_values={"a": cfg["a"], "b": cfg_b or cfg["b"]}, rows=rows,
+                    guided={"4.0": guided[0], "16.0": guided[1]})
+
+    # seed 0: a and b tie (activation 0.75 each, F1 1); seed 1: b's activation is higher
+    pooled = B.pool_val([run(0, 0.5), run(1, 1.0, guided=(0.3, 0.6))])
+    assert pooled["chosen"] == "b" and pooled["config"] == {"steps": 2}
+    assert pooled["per_seed_selection"]["0"]["a"] == pooled["per_seed_selection"]["0"]["b"]
+    assert pooled["summary"]["b"]["activation"] == pytest.approx(0.875)  # 4 runs pooled
+    assert pooled["guided_weight"] == 16.0  # means 0.4 vs 0.5
+    alone = B.pool_val([run(0, 0.5)])
+    assert alone["chosen"] == "a"  # the tie goes to the earlier config
+    with pytest.raises(SystemExit, match="class splits"):
+        B.pool_val([run(0, 0.5), run(1, 1.0, split={"x": {"val": [1]}})])
+    with pytest.raises(SystemExit, match="share a seed"):
+        B.pool_val([run(0, 0.5), run(0, 1.0)])
+    changed = B.pool_val([run(0, 0.5), run(1, 1.0, cfg_b={"steps": 3})])
+    assert changed["chosen"] == "a" and "b" not in changed["summary"]
