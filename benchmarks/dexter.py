@@ -419,14 +419,19 @@ def _grid(pics, path):
         for j, g in enumerate(groups):
             ax = axes[i, j]
             ax.axis("off")
-            if len(g):
-                strip = torch.cat(list(g[:8].clamp(0, 1)), dim=2).permute(1, 2, 0).numpy()
-                ax.imshow(strip)
+            if len(g):  # padded to 8 images (white), so that a run with few frames is drawn at the same scale
+                g = g[:8].clamp(0, 1)
+                g = torch.cat([g, g.new_ones(8 - len(g), *g.shape[1:])])
+                ax.imshow(torch.cat(list(g), dim=2).permute(1, 2, 0).numpy())
             if i == 0:
                 ax.set_title(cols[j], fontsize=9)
         axes[i, 0].text(-2, 16, title, fontsize=6, ha="right", va="center")
     plt.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # ~4x smaller; few colours here
 
 
 def write_report(a, rows, val, meta, cfg, w):
