@@ -601,3 +601,16 @@ def test_dexter_benchmark_pools_validation_seeds_and_refuses_mixed_runs():
         B.pool_val([run(0, 0.5), run(0, 1.0)])
     changed = B.pool_val([run(0, 0.5), run(1, 1.0, cfg_b={"steps": 3})])
     assert changed["chosen"] == "a" and "b" not in changed["summary"]
+
+
+def test_shipped_dexter_config_is_the_one_chosen_on_validation():
+    """configs/explain/dexter.yaml runs the DEXTER config benchmarks/dexter.py chose on the validation classes
+    (benchmarks/results/dexter_val.json); a re-validation that changes the choice must change the config too."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    chosen = json.loads((root / "benchmarks/results/dexter_val.json").read_text())["config"]
+    shipped = yaml.safe_load((root / "configs/explain/dexter.yaml").read_text())["model"]["init_args"]["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(DexterConfig)}
+    for key, value in chosen.items():
+        assert shipped.get(key, defaults[key]) == value, key
