@@ -43,7 +43,8 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
     # validation table
     seeds = val.get("seeds", [val["meta"]["seed"]])
-    L.append(f"## Validation (one class per classifier; seeds {', '.join(map(str, seeds))}, runs pooled)\n")
+    L.append(f"## Validation (one class per classifier; seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))}{', runs pooled' if len(seeds) > 1 else ''})\n")
     sel = val.get("selection_f1", "sweep_run_f1")  # the F1 in the selection criterion
     sel_rule = sel.split("_")[0]
 

@@ -4,7 +4,7 @@
     python benchmarks/dexter.py --phase val --seed 1 --threads 1; wait  # one run per seed (in parallel on 2 cores)
     python benchmarks/dexter.py --phase choose --seeds 0,1            # pool the seeds: config, guided weight, rule
     python benchmarks/dexter.py --phase test                          # report with the chosen ones on the test classes
-    python benchmarks/dexter.py --phase val --smoke --quick --limit 1   # CI-sized plumbing check (random models)
+    python benchmarks/dexter.py --phase val --smoke --quick --limit 1 --out /tmp/dexter_smoke   # plumbing check
 
 Every single-object target classifier of the shapes world (``featinv.zoo.shapes.targets``: 4 with a
 planted bias, 4 unbiased) contributes one *validation* class and two *test* classes (a seeded draw,
@@ -20,8 +20,8 @@ disjoint). For each (classifier, class):
 
 Validation: ``--phase val --seed S`` runs every config of ``--configs`` (and the guided baseline's weights)
 on the 8 validation classes and writes ``<out>_val_seed<S>.json`` / ``.csv``. ``--phase choose --seeds ...``
-pools those seeds (``pool_val``): the chosen config maximises the seed-mean of mean activation score +
-bias-detection F1 (run level, ``SELECT_F1``: the counterfactual contrast rule, ``SWEEP_SAMPLES`` samples per
+pools those seeds (``pool_val``): the chosen config maximises, over the runs of all seeds pooled, mean
+activation score + bias-detection F1 (run level, ``SELECT_F1``: the counterfactual contrast rule, ``SWEEP_SAMPLES`` samples per
 variant prompt; the other rules' numbers are reported beside it); the guided weight maximises its seed-mean
 success; the counterfactual rule (``reporter.sweep_report`` / ``contrast_report``) is the one with the higher
 run-level F1 over the chosen config's runs of all seeds. It writes ``<out>_val.json``, which ``--phase test``
@@ -327,17 +327,28 @@ def pool_val(runs: list[dict]) -> dict:
     for m in metas[1:]:
         if m["split"] != metas[0]["split"]:
             sys.exit("the validation runs were made on different class splits (--split-seed); pool runs of one split")
+        for key in ("smoke", "quick"):
+            if m.get(key) != metas[0].get(key):
+                sys.exit(f"the validation runs differ in --{key}; pool runs made the same way")
     if len({m["seed"] for m in metas}) != len(metas):
         sys.exit("two validation runs share a seed; pool distinct seeds")
+    items = [{(row["classifier"], row["class_index"]) for row in r["rows"]} for r in runs]
+    if any(i != items[0] for i in items):
+        sys.exit("the validation runs cover different classes (--limit?); pool runs over the same classes")
     configs = [c for c in runs[0]["configs"] if all(r["config_values"].get(c) == runs[0]["config_values"][c]
                                                     for r in runs)]
+    dropped = sorted({c for r in runs for c in r["configs"]} - set(configs))
     if not configs:
-        sys.exit("the validation runs share no config; run --phase val with the same --configs for every seed")
+        sys.exit("the validation runs share no config with the same values; run --phase val with the same "
+                 "--configs (and --quick or not) for every seed")
+    if dropped:
+        print(f"left out (not run with the same values on every seed): {', '.join(dropped)}", flush=True)
+    if any(set(r["guided"]) != set(runs[0]["guided"]) for r in runs):
+        sys.exit("the validation runs measured different guided weights (--parts without baselines?); rerun them")
     rows = [row for r in runs for row in r["rows"] if row["config"] in configs]
     summary = {c: summarise([row for row in rows if row["config"] == c]) for c in configs}
     best = max(configs, key=lambda c: (summary[c]["selection"], -configs.index(c)))
-    weights = [w for w in runs[0]["guided"] if all(w in r["guided"] for r in runs)]
-    guided = {w: float(np.mean([r["guided"][w] for r in runs])) for w in weights}
+    guided = {w: float(np.mean([r["guided"][w] for r in runs])) for w in runs[0]["guided"]}
     best_w = float(max(guided, key=guided.get)) if guided else GUIDED_WEIGHTS[0]
     best_rows = [row for row in rows if row["config"] == best]
     rules = {r: bias_prf(best_rows, r + "_") for r in RULES}
@@ -358,7 +369,9 @@ def choose(a, meta):
         sys.exit(f"{', '.join(missing)} not found: run --phase val --seed S for each of --seeds first")
     pooled = pool_val([json.loads(p.read_text()) for p in paths])
     rows = pooled.pop("rows")
-    meta = {**meta, "seeds": pooled["seeds"], "split": json.loads(paths[0].read_text())["meta"]["split"]}
+    first = json.loads(paths[0].read_text())["meta"]
+    meta = {**meta, "seeds": pooled["seeds"], "split": first["split"], "split_seed": first.get("split_seed"),
+            "smoke": first.get("smoke"), "quick": first.get("quick")}
     Path(a.out + "_val.json").write_text(json.dumps(dict(meta=meta, **pooled), indent=1))
     _csv(rows, a.out + "_val.csv")
     print(f"chosen: {pooled['chosen']} {pooled['config']}; guided weight {pooled['guided_weight']}; "
