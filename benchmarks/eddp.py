@@ -4,7 +4,7 @@
     python benchmarks/eddp.py --part synthetic --seeds 0 1 2 3 4 [--val-seed 100] [--threads 1] [--lambda L]
                               [--schedule fast] [--paper-schedule-seeds 0]
     python benchmarks/eddp.py --part shapes [--classifiers zoo:shapes-shape zoo:shapes-color] [--weights DIR]
-                              [--directions 8 16] [--am-samples 4] [--threads 1]
+                              [--directions 8 16 32] [--am-samples 4] [--threads 1]
 
 Part ``synthetic`` (the EDDP paper's own experiment, featinv.explain.synthetic): per seed a new world
 (random unit S, D), 1000 train + 1000 test images per class, the avg-pool + linear network trained on the
@@ -337,7 +337,7 @@ def main():
     sh.add_argument("--classifiers", nargs="+", default=["zoo:shapes-shape", "zoo:shapes-color"])
     sh.add_argument("--weights", default=None, help="folder of the classifiers' weights (default: the zoo's)")
     sh.add_argument("--layer", default="conv3")
-    sh.add_argument("--directions", type=int, nargs="+", default=[8, 16], help="numbers of directions tried on val")
+    sh.add_argument("--directions", type=int, nargs="+", default=[8, 16, 32], help="numbers of directions tried on val")
     sh.add_argument("--epochs", type=int, default=600, help="EDDP epochs of steps (a) and (d); (b) gets half")
     sh.add_argument("--n-fit", type=int, default=300)
     sh.add_argument("--n-val", type=int, default=300)
