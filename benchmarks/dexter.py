@@ -367,9 +367,10 @@ def choose(a, meta):
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         sys.exit(f"{', '.join(missing)} not found: run --phase val --seed S for each of --seeds first")
-    pooled = pool_val([json.loads(p.read_text()) for p in paths])
+    runs = [json.loads(p.read_text()) for p in paths]
+    pooled = pool_val(runs)
     rows = pooled.pop("rows")
-    first = json.loads(paths[0].read_text())["meta"]
+    first = runs[0]["meta"]
     meta = {**meta, "seeds": pooled["seeds"], "split": first["split"], "split_seed": first.get("split_seed"),
             "smoke": first.get("smoke"), "quick": first.get("quick")}
     Path(a.out + "_val.json").write_text(json.dumps(dict(meta=meta, **pooled), indent=1))

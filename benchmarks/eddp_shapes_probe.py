@@ -16,11 +16,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from eddp_shapes import eddp_config  # noqa: E402
 
 from featinv.explain import eddp_shapes as ES  # noqa: E402
 from featinv.explain.baselines import from_pairs  # noqa: E402
 from featinv.explain.concepts import dissect, upsample  # noqa: E402
-from featinv.explain.eddp import PRESETS, EDDPConfig  # noqa: E402
 from featinv.explain.eddp_world import LayerConfig, fit_directions  # noqa: E402
 from featinv.explain.layer import to_map  # noqa: E402
 
@@ -37,7 +37,7 @@ def main():
     train, val = ES.world_data("train", 300, cs), ES.world_data("val", 300, cs)
     split = ES.layer_split(a.classifier, "conv3")
     fit_X, X_val = split.activations(train.images), split.activations(val.images)
-    cfg = EDDPConfig(**{**PRESETS["fast"].__dict__, "epochs_a": 600, "epochs_b": 300, "epochs_d": 600, "restarts_a": 1})
+    cfg = eddp_config(argparse.Namespace(epochs=600))  # the shapes benchmark's schedule
     pairs = fit_directions(split, fit_X, LayerConfig(n_directions=a.directions, eddp=cfg), seed=0)
     maps = to_map(from_pairs(pairs).score(X_val), split.hw)
     iou = dissect(maps, torch.zeros(a.directions), val.masks)
