@@ -22,8 +22,6 @@ def _table(cols, rows):
 
 def _val_source(val) -> str:
     """The validation commands behind ``val`` (one per seed, then the pooling command)."""
-    if "val_meta" not in val:  # one seed, chosen by --phase val itself (before --phase choose)
-        return f"`{val['meta']['command']}`, commit `{val['meta']['commit']}`"
     runs = "; ".join(f"`{m['command']}` (commit `{m['commit']}`, {m['seconds']} s)" for m in val["val_meta"])
     return f"{runs}; pooled by `{val['meta']['command']}`"
 
@@ -42,7 +40,7 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
          f"({_val_source(val)}); this page reports the two test classes per classifier (disjoint, seeded draw).\n",
          f"Chosen DEXTER config: `{val['chosen']}` = {cfg}; guided AM weight {guided_weight}.\n"]
     # validation table
-    seeds = val.get("seeds", [val["meta"]["seed"]])
+    seeds = val["seeds"]
     L.append(f"## Validation (one class per classifier; seed{'s' if len(seeds) > 1 else ''} "
              f"{', '.join(map(str, seeds))}{', runs pooled' if len(seeds) > 1 else ''})\n")
     sel = val.get("selection_f1", "sweep_run_f1")  # the F1 in the selection criterion
@@ -56,15 +54,13 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
     L.append(_table(vc, [[c, s["activation"], prf(s, "sweep"), prf(s, "contrast"),
                           f"{_f(s['run_precision'])} / {_f(s['run_recall'])}", s["class_word"],
                           s["seconds"], s["selection"]] for c, s in val["summary"].items()]))
-    if "per_seed_selection" in val:
-        L.append("\nSelection per seed: " + "; ".join(
-            f"seed {s}: " + ", ".join(f"{c} {v:.3f}" for c, v in sel_s.items())
-            for s, sel_s in val["per_seed_selection"].items()) + ".\n")
+    L.append("\nSelection per seed: " + "; ".join(
+        f"seed {s}: " + ", ".join(f"{c} {v:.3f}" for c, v in sel_s.items())
+        for s, sel_s in val["per_seed_selection"].items()) + ".\n")
     rule = val.get("rule", "sweep")  # the counterfactual rule of the criteria (chosen on val; else sweep)
     if "rule_summary" in val:
-        where = "read from the chosen config's runs above"
         L.append(f"\nCounterfactual rule, chosen on the same validation classes with the chosen config "
-                 f"({where}; mean activation {val['rule_activation']:.2f}): the higher run-level bias F1.\n")
+                 f"(read from the chosen config's runs above; mean activation {val['rule_activation']:.2f}): the higher run-level bias F1.\n")
         L.append(_table(["rule", "bias P / R / F1 (run)", "bias P / R (classifier)"],
                         [[r, f"{_f(x['run_precision'])} / {_f(x['run_recall'])} / {_f(x['run_f1'])}",
                           f"{_f(x['clf_precision'])} / {_f(x['clf_recall'])}"] for r, x in val["rule_summary"].items()]))
