@@ -387,6 +387,8 @@ def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
         sys.exit(f"{a.out}_val.json was chosen on another class split (--split-seed "
                  f"{val['meta'].get('split_seed', val['meta']['seed'])}); run --phase test with that --split-seed")
     cfg, w = val["config"], val["guided_weight"]
+    if a.quick:  # the chosen config, shortened like every validation config (plumbing check)
+        cfg = {**cfg, "steps": 3, "score_samples": 8}
     rows, pics = [], []
     for name, k in items:
         info = classifier_info(name)
@@ -406,10 +408,13 @@ def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
             rows.append(drow)
             print(json.dumps(drow), flush=True)
     meta["seconds"] = round(time.time() - t_start)
-    _csv(rows, a.out + "_runs.csv")
-    write_report(a, rows, val, meta, cfg, w)
+    meta.update(chosen=val["chosen"], config=cfg, guided_weight=w)
+    stem = f"{a.out}_test_seed{a.seed}"
+    Path(stem + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    _csv(rows, stem + ".csv")
     if pics:
-        _grid(pics, a.out + "_grid.png")
+        _grid(pics, f"{a.out}_grid_seed{a.seed}.png")
+    print(f"wrote {stem}.json; pool the test seeds with --phase report --seeds ...", flush=True)
 
 
 def _csv(rows, path):
