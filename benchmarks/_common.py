@@ -11,3 +11,17 @@ def commit() -> str:
         return (out.stdout.strip() + ("+uncommitted" if dirty else "")) if out.stdout.strip() else "unknown"
     except OSError:
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or platform.processor(): run-level results of discrete
+    optimisations (DEXTER's Gumbel argmax) can differ between CPU models through float rounding."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

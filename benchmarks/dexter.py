@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import commit, cpu_model  # noqa: E402
 
 from featinv.contract import make_generators  # noqa: E402
 from featinv.explain.dexter import DexterConfig, candidate_words, run_dexter  # noqa: E402
@@ -253,7 +253,7 @@ def main():
     command = "python benchmarks/dexter.py " + " ".join(sys.argv[1:])
     meta = dict(commit=commit(), command=command, seed=a.seed, split_seed=a.split_seed, phase=a.phase, smoke=a.smoke,
                 quick=a.quick,
-                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {a.threads}",
+                machine=f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, torch threads {a.threads}",
                 torch=torch.__version__, split=split)
     if a.phase == "choose":
         return choose(a, meta)
