@@ -26,14 +26,22 @@ def _val_source(val) -> str:
     return f"{runs}; pooled by `{val['meta']['command']}`"
 
 
-def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
+def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
+    """``rows``: the test runs of every seed (each with its ``seed``); ``test_metas``: each seed's test meta;
+    ``meta``: the pooling command's."""
     dex = [r for r in rows if r["mode"] == "dexter"]
     dif = [r for r in rows if r["mode"] == "diffexplainer"]
+    seeds_t = [m["seed"] for m in test_metas]
+    cfg, guided_weight = test_metas[0]["config"], test_metas[0]["guided_weight"]
     L = ["# DEXTER / DiffExplainer on the shapes world's target classifiers (issue 15)\n",
-         f"Commit `{meta['commit']}`; command `{meta['command']}`; seed {meta['seed']} (DEXTER's soft prompt, "
-         f"Gumbel draws and fixed noise seeds {meta['seed']}..; activation-score samples seeds 10000+; AM baselines "
-         f"and the counterfactual sweep seeds 20000+; restart-selection samples (select='best') 30000+); machine: {meta['machine']}; torch {meta['torch']}; wall time {meta['seconds']} s"
-         + (" (SMOKE: random-init models, plumbing only)" if meta.get("smoke") else "") + ".\n",
+         f"Test seeds {', '.join(map(str, seeds_t))}, runs pooled by `{meta['command']}` (commit `{meta['commit']}`). "
+         "Per seed S: DEXTER's soft prompt, Gumbel draws and fixed noise seeds S..; activation-score samples seeds "
+         "10000 + S..; AM baselines and the counterfactual sweep 20000 + S..; restart-selection samples "
+         "(select='best') 30000 + S..\n"]
+    L += [f"* seed {m['seed']}: `{m['command']}`, commit `{m['commit']}`; machine: {m['machine']}; torch {m['torch']}; "
+          f"wall time {m['seconds']} s" + (" (SMOKE: random-init models, plumbing only)" if m.get("smoke") else "")
+          + (" (QUICK: 3 optimisation steps)" if m.get("quick") else "") for m in test_metas]
+    L += ["",
          "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
          "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "
          "readings (docs/dexter.md). Hyper-parameters were chosen on one validation class per classifier "
@@ -102,6 +110,20 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                  _f(frame["clf_precision"] >= 0.75 and frame["clf_recall"] >= 0.75)],
                 ["class word in DEXTER's prompt (unbiased classifiers)", _f(cw), _f(cw == 1.0)]]
         L.append(_table(["criterion", "measured", "holds"], hold))
+        if len(seeds_t) > 1:
+            per = []
+            for sd in seeds_t:
+                rs = [r for r in dex if r["seed"] == sd]
+                ru = [r for r in rs if not r["bias_factor"]]
+                sp = bias_prf(rs, rule + "_")
+                per.append([sd, np.mean([r["activation_score"] for r in rs]),
+                             f"{sum(r['activation_score'] >= 0.8 for r in rs)}/{len(rs)}"]
+                           + [np.mean([r[f"{m}_success"] for r in rs]) for m in am]
+                           + [f"{_f(sp['clf_precision'])} / {_f(sp['clf_recall'])}",
+                              np.mean([r["class_word"] for r in ru]) if ru else float("nan")])
+            L.append("\nPer test seed (the criteria above pool both):\n")
+            L.append(_table(["seed", "activation", "runs >= 0.8"] + [f"{m} AM" for m in am]
+                            + [f"bias P / R (classifier, {rule})", "class word"], per))
         L.append("\nReader check (the independent shapes reader reads the class value in the images): DEXTER "
                  f"prompt samples {np.mean([r['reader_class'] for r in dex]):.2f}; "
                  + ", ".join(f"{m} AM {v:.2f}" for m, v in amr.items()) + ".\n")
@@ -119,9 +141,9 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
                  f"FP {frame['run_fp']}, FN {frame['run_fn']}.\n")
         # per run
         L.append("## Test runs (DEXTER)\n")
-        cols = ["classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames",
+        cols = ["seed", "classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames",
                 "flags (sweep)", "flags (contrast)", "flags (frames)", "class word", "pixel", "fourier", "guided", "s"]
-        L.append(_table(cols, [[r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"
+        L.append(_table(cols, [[r["seed"], r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"
                                                                     if r["bias_factor"] else "-"),
                                 r["words"], r["activation_score"], r["reader_class"], r["n_frames"],
                                 r.get("sweep_flags") or "-", r.get("contrast_flags") or "-", r["flags"] or "-",
@@ -132,8 +154,9 @@ def render(rows, val, meta, cfg, guided_weight, clf_meta, bias_prf) -> str:
             L.append("\nRestarts (select=best): each run's hit rate of every restart's words on 16 selection "
                      "samples (seeds 30000+, not the activation score's); chosen = the restart whose words are the "
                      "explanation.\n")
-            L.append(_table(["classifier", "class", "hit rate per restart", "chosen"],
-                            [[r["classifier"], r["class_name"], r["selection"], r["chosen_restart"]] for r in dex]))
+            L.append(_table(["seed", "classifier", "class", "hit rate per restart", "chosen"],
+                            [[r["seed"], r["classifier"], r["class_name"], r["selection"], r["chosen_restart"]]
+                             for r in dex]))
     if dif:
         L.append("\n## Test runs (DiffExplainer, soft tokens)\n")
         prf = bias_prf(dif)

@@ -227,12 +227,12 @@ def classifier_meta() -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["val", "choose", "test"], required=True)
+    ap.add_argument("--phase", choices=["val", "choose", "test", "report"], required=True)
     ap.add_argument("--parts", default="dexter,baselines", help="comma list of dexter, baselines, diffexplainer")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="validation: configs to try")
     ap.add_argument("--out", default="benchmarks/results/dexter")
     ap.add_argument("--seed", type=int, default=0, help="optimisation, sampling and baseline seeds")
-    ap.add_argument("--seeds", default="0,1", help="--phase choose: the validation seeds to pool")
+    ap.add_argument("--seeds", default="0,1", help="--phase choose / report: the validation / test seeds to pool")
     ap.add_argument("--split-seed", type=int, default=0,
                     help="the val / test class split; keep it fixed when repeating a phase with other --seed values "
                          "(a different split puts test classes into val)")
@@ -257,6 +257,8 @@ def main():
                 torch=torch.__version__, split=split)
     if a.phase == "choose":
         return choose(a, meta)
+    if a.phase == "report":
+        return report(a, meta)
     prior, reader, mlm, load_clf = load_world(a.smoke)
     names = CLASSIFIERS[: a.limit] if a.limit else CLASSIFIERS
     items = [(n, k) for n in names for k in split[n][a.phase]]
@@ -417,6 +419,44 @@ def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
     print(f"wrote {stem}.json; pool the test seeds with --phase report --seeds ...", flush=True)
 
 
+def pool_test(runs: list[dict], val: dict) -> list[dict]:
+    """The test runs of every seed (``test``'s per-seed files) as one list of rows, each with its ``seed``;
+    refuses runs made with another choice than ``val``'s, on another split, twice with one seed, made
+    differently (--smoke / --quick) or over different classes."""
+    metas = [r["meta"] for r in runs]
+    if len({m["seed"] for m in metas}) != len(metas):
+        sys.exit("two test runs share a seed; pool distinct seeds")
+    for m in metas:
+        if (m["chosen"], m["config"], m["guided_weight"]) != (val["chosen"], val["config"], val["guided_weight"]):
+            sys.exit(f"the test run of seed {m['seed']} used another choice ({m['chosen']}, guided weight "
+                     f"{m['guided_weight']}) than {val['chosen']}, {val['guided_weight']} in the _val.json; rerun it")
+        if m["split"] != metas[0]["split"]:
+            sys.exit("the test runs were made on different class splits (--split-seed); pool runs of one split")
+        for key in ("smoke", "quick"):
+            if m.get(key) != metas[0].get(key):
+                sys.exit(f"the test runs differ in --{key}; pool runs made the same way")
+    items = [sorted((row["classifier"], row["class_index"], row["mode"]) for row in r["rows"]) for r in runs]
+    if any(i != items[0] for i in items):
+        sys.exit("the test runs cover different classes or parts (--limit, --parts?); pool runs over the same ones")
+    return [{"seed": m["seed"], **row} for m, r in zip(metas, runs) for row in r["rows"]]
+
+
+def report(a, meta):
+    """``--phase report --seeds ...``: ``<out>.md`` and ``<out>_runs.csv`` from the per-seed test files."""
+    paths = [Path(f"{a.out}_test_seed{s}.json") for s in a.seeds.split(",")]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not found: run --phase test --seed S for each of --seeds first")
+    if not Path(a.out + "_val.json").exists():
+        sys.exit(f"{a.out}_val.json not found: run --phase val per seed, then --phase choose")
+    val = json.loads(Path(a.out + "_val.json").read_text())
+    runs = [json.loads(p.read_text()) for p in paths]
+    rows = pool_test(runs, val)
+    _csv(rows, a.out + "_runs.csv")
+    write_report(a, rows, val, [r["meta"] for r in runs], meta)
+    print(f"wrote {a.out}.md and {a.out}_runs.csv ({len(rows)} runs, seeds {a.seeds})", flush=True)
+
+
 def _csv(rows, path):
     cols = sorted({k for r in rows for k in r}, key=lambda c: [k for r in rows for k in r].index(c))
     with open(path, "w", newline="") as f:
@@ -453,11 +493,11 @@ def _grid(pics, path):
     Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # ~4x smaller; few colours here
 
 
-def write_report(a, rows, val, meta, cfg, w):
+def write_report(a, rows, val, test_metas, meta):
     """benchmarks/results/dexter.md (see the module docstring)."""
     from _dexter_report import render
 
-    Path(a.out + ".md").write_text(render(rows, val, meta, cfg, w, classifier_meta(), bias_prf))
+    Path(a.out + ".md").write_text(render(rows, val, test_metas, meta, classifier_meta(), bias_prf))
 
 
 if __name__ == "__main__":

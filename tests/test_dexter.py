@@ -615,6 +615,34 @@ def test_dexter_benchmark_pools_validation_seeds_and_refuses_mixed_runs():
         B.pool_val([run(0, 0.5), no_guided])
 
 
+def test_dexter_benchmark_pools_test_seeds_and_refuses_mixed_runs():
+    """benchmarks/dexter.py --phase report: the test runs of every seed are pooled (each row keeps its seed, the
+    criteria read all of them, a per-seed table splits them); runs made with another choice than _val.json's,
+    a repeated seed, another split or other classes are refused."""
+    B = _bench_dexter()
+    val = dict(chosen="b", config={"steps": 2}, guided_weight=4.0)
+
+    def run(seed, act, chosen="b", split=None, name="y"):
+        row = {**_val_row("b", act, False, False, name=name), "mode": "dexter", "class_name": "red",
+               "words": "w", "reader_class": 1.0, "n_frames": 1, "selection": "", "chosen_restart": 0}
+        row.update({f"{m}_success": 0.5 for m in ("pixel", "fourier", "guided")})
+        row.update({f"{m}_reader_class": 0.5 for m in ("pixel", "fourier", "guided")})
+        meta = dict(seed=seed, split=split or {"y": {"test": [0]}}, chosen=chosen, config={"steps": 2},
+                    guided_weight=4.0, commit="c", command=f"test {seed}", machine="m", torch="t", seconds=1)
+        return dict(meta=meta, rows=[row])
+
+    rows = B.pool_test([run(0, 1.0), run(1, 0.0)], val)
+    assert [r["seed"] for r in rows] == [0, 1] and [r["activation_score"] for r in rows] == [1.0, 0.0]
+    with pytest.raises(SystemExit, match="share a seed"):
+        B.pool_test([run(0, 1.0), run(0, 0.0)], val)
+    with pytest.raises(SystemExit, match="another choice"):
+        B.pool_test([run(0, 1.0), run(1, 0.0, chosen="a")], val)
+    with pytest.raises(SystemExit, match="class splits"):
+        B.pool_test([run(0, 1.0), run(1, 0.0, split={"y": {"test": [1]}})], val)
+    with pytest.raises(SystemExit, match="different classes"):
+        B.pool_test([run(0, 1.0), run(1, 0.0, name="z")], val)
+
+
 def test_shipped_dexter_config_is_the_one_chosen_on_validation():
     """configs/explain/dexter.yaml runs the DEXTER config benchmarks/dexter.py chose on the validation classes
     (benchmarks/results/dexter_val.json); a re-validation that changes the choice must change the config too."""
