@@ -3,7 +3,9 @@
     python benchmarks/dexter.py --phase val --seed 0 --threads 1 &   # every config on the validation classes,
     python benchmarks/dexter.py --phase val --seed 1 --threads 1; wait  # one run per seed (in parallel on 2 cores)
     python benchmarks/dexter.py --phase choose --seeds 0,1            # pool the seeds: config, guided weight, rule
-    python benchmarks/dexter.py --phase test                          # report with the chosen ones on the test classes
+    python benchmarks/dexter.py --phase test --seed 0 --threads 1 &  # the chosen ones on the test classes,
+    python benchmarks/dexter.py --phase test --seed 1 --threads 1; wait # one run per seed
+    python benchmarks/dexter.py --phase report --seeds 0,1           # pool the test seeds: dexter.md
     python benchmarks/dexter.py --phase val --smoke --quick --limit 1 --out /tmp/dexter_smoke   # plumbing check
 
 Every single-object target classifier of the shapes world (``featinv.zoo.shapes.targets``: 4 with a
@@ -25,8 +27,11 @@ activation score + bias-detection F1 (run level, ``SELECT_F1``: the counterfactu
 variant prompt; the other rules' numbers are reported beside it); the guided weight maximises its seed-mean
 success; the counterfactual rule (``reporter.sweep_report`` / ``contrast_report``) is the one with the higher
 run-level F1 over the chosen config's runs of all seeds. It writes ``<out>_val.json``, which ``--phase test``
-reads. Outputs: ``<out>.md`` (tables stamped with commit, command, seeds, machine), ``<out>_runs.csv``,
-``<out>_val.csv``, ``<out>_grid.png``.
+reads. ``--phase test --seed S`` runs the chosen config, guided weight and rule on the 16 test classes and
+writes ``<out>_test_seed<S>.json`` / ``.csv`` and ``<out>_grid_seed<S>.png``; ``--phase report --seeds ...``
+pools the test seeds (``pool_test``: every run counts; DEXTER's run-level outcome is a discrete optimisation's,
+so one seed is one draw - even the CPU model's float rounding changes some runs). Outputs: ``<out>.md``
+(tables stamped with commit, command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``.
 """
 from __future__ import annotations
 
