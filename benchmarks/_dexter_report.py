@@ -40,7 +40,8 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
          "(select='best') 30000 + S..\n"]
     L += [f"* seed {m['seed']}: `{m['command']}`, commit `{m['commit']}`; machine: {m['machine']}; torch {m['torch']}; "
           f"wall time {m['seconds']} s" + (" (SMOKE: random-init models, plumbing only)" if m.get("smoke") else "")
-          + (" (QUICK: 3 optimisation steps)" if m.get("quick") else "") for m in test_metas]
+          + (" (QUICK: 3 optimisation steps)" if m.get("quick") else "")
+          + (f"; this seed's file was converted {m['converted']}" if m.get("converted") else "") for m in test_metas]
     L += ["",
          "The language side is a **template grammar**, not language: the masked LM is a 76k-parameter BERT trained "
          "on the shapes world's 2,592 captions and the reporter is a deterministic rule over the shapes reader's "
@@ -141,6 +142,9 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
                  f"FP {frame['run_fp']}, FN {frame['run_fn']}.\n")
         # per run
         L.append("## Test runs (DEXTER)\n")
+        if meta.get("grids"):
+            L.append("Images (rows: runs; DEXTER prompt samples, frames, pixel / Fourier / guided AM): "
+                     + ", ".join(f"[{g}]({g})" for g in meta["grids"]) + ".\n")
         cols = ["seed", "classifier", "class", "bias (truth)", "DEXTER words", "act. score", "reader class", "frames",
                 "flags (sweep)", "flags (contrast)", "flags (frames)", "class word", "pixel", "fourier", "guided", "s"]
         L.append(_table(cols, [[r["seed"], r["classifier"], r["class_name"], (f"{r['bias_factor']}={r['bias_value']}"

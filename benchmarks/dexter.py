@@ -458,7 +458,9 @@ def report(a, meta):
     runs = [json.loads(p.read_text()) for p in paths]
     rows = pool_test(runs, val)
     _csv(rows, a.out + "_runs.csv")
-    write_report(a, rows, val, [r["meta"] for r in runs], meta)
+    grids = [f"{Path(a.out).name}_grid_seed{r['meta']['seed']}.png" for r in runs
+             if Path(f"{a.out}_grid_seed{r['meta']['seed']}.png").exists()]
+    write_report(a, rows, val, [r["meta"] for r in runs], {**meta, "grids": grids})
     print(f"wrote {a.out}.md and {a.out}_runs.csv ({len(rows)} runs, seeds {a.seeds})", flush=True)
 
 
