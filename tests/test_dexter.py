@@ -643,6 +643,37 @@ def test_dexter_benchmark_pools_test_seeds_and_refuses_mixed_runs():
         B.pool_test([run(0, 1.0), run(1, 0.0, name="z")], val)
 
 
+def test_dexter_report_pools_the_criteria_and_splits_them_per_seed():
+    """benchmarks/_dexter_report.render on the committed seed-0 test file and a copy of it as seed 1 in which
+    every run fails: the criteria read both seeds (activation = the mean of the two), the per-seed table keeps
+    them apart, and every run is listed with its seed."""
+    import copy
+    import sys
+
+    B = _bench_dexter()
+    root = Path(__file__).resolve().parents[1]
+    val = json.loads((root / "benchmarks/results/dexter_val.json").read_text())
+    s0 = json.loads((root / "benchmarks/results/dexter_test_seed0.json").read_text())
+    s1 = copy.deepcopy(s0)
+    s1["meta"]["seed"] = 1
+    for r in s1["rows"]:
+        r["activation_score"] = 0.0
+    rows = B.pool_test([s0, s1], val)
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from _dexter_report import render
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    md = render(rows, val, [s0["meta"], s1["meta"]], dict(command="report", commit="c"), {}, B.bias_prf)
+    a0 = np.mean([r["activation_score"] for r in s0["rows"]])
+    assert f"| activation score >= 0.8 (mean over runs) | {a0 / 2:.2f} |" in md
+    per = md.split("Per test seed")[1].split("\n\n")[1]
+    assert per.splitlines()[2].startswith(f"| 0 | {a0:.2f} | 15/16 |")
+    assert per.splitlines()[3].startswith("| 1 | 0.00 | 0/16 |")
+    # two classes per classifier, listed in the runs table and the restarts table
+    assert md.count("| 1 | biased-shape-bg |") == 4 and md.count("| 0 | unbiased-color | green |") == 2
+
+
 def test_shipped_dexter_config_is_the_one_chosen_on_validation():
     """configs/explain/dexter.yaml runs the DEXTER config benchmarks/dexter.py chose on the validation classes
     (benchmarks/results/dexter_val.json); a re-validation that changes the choice must change the config too."""
