@@ -415,7 +415,7 @@ def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
             rows.append(drow)
             print(json.dumps(drow), flush=True)
     meta["seconds"] = round(time.time() - t_start)
-    meta.update(chosen=val["chosen"], config=cfg, guided_weight=w)
+    meta.update(chosen=val["chosen"], config=val["config"], guided_weight=w)  # (--quick shortened it: meta["quick"])
     stem = f"{a.out}_test_seed{a.seed}"
     Path(stem + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     _csv(rows, stem + ".csv")
