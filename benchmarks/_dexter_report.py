@@ -122,7 +122,7 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
                            + [np.mean([r[f"{m}_success"] for r in rs]) for m in am]
                            + [f"{_f(sp['clf_precision'])} / {_f(sp['clf_recall'])}",
                               np.mean([r["class_word"] for r in ru]) if ru else float("nan")])
-            L.append("\nPer test seed (the criteria above pool both):\n")
+            L.append("\nPer test seed (the criteria above pool every seed):\n")
             L.append(_table(["seed", "activation", "runs >= 0.8"] + [f"{m} AM" for m in am]
                             + [f"bias P / R (classifier, {rule})", "class word"], per))
         L.append("\nReader check (the independent shapes reader reads the class value in the images): DEXTER "
@@ -167,8 +167,9 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
         L.append(f"Mean activation score of the soft conditioning {np.mean([r['activation_score'] for r in dif]):.2f}, "
                  f"of its nearest-word prompt {np.mean([r['activation_score_words'] for r in dif]):.2f}; bias P/R "
                  f"(classifier level) {_f(prf['clf_precision'])} / {_f(prf['clf_recall'])}.\n")
-        cols = ["classifier", "class", "nearest words", "act. score (soft)", "act. score (words)", "frames", "flags"]
-        L.append(_table(cols, [[r["classifier"], r["class_name"], r["words"], r["activation_score"],
+        cols = ["seed", "classifier", "class", "nearest words", "act. score (soft)", "act. score (words)", "frames",
+                "flags"]
+        L.append(_table(cols, [[r["seed"], r["classifier"], r["class_name"], r["words"], r["activation_score"],
                                 r["activation_score_words"], r["n_frames"], r["flags"] or "-"] for r in dif]))
     if clf_meta:
         L.append("\n## The classifiers (featinv/zoo/weights/meta.json)\n")

@@ -27,11 +27,12 @@ activation score + bias-detection F1 (run level, ``SELECT_F1``: the counterfactu
 variant prompt; the other rules' numbers are reported beside it); the guided weight maximises its seed-mean
 success; the counterfactual rule (``reporter.sweep_report`` / ``contrast_report``) is the one with the higher
 run-level F1 over the chosen config's runs of all seeds. It writes ``<out>_val.json``, which ``--phase test``
-reads. ``--phase test --seed S`` runs the chosen config, guided weight and rule on the 16 test classes and
-writes ``<out>_test_seed<S>.json`` / ``.csv`` and ``<out>_grid_seed<S>.png``; ``--phase report --seeds ...``
-pools the test seeds (``pool_test``: every run counts; DEXTER's run-level outcome is a discrete optimisation's,
-so one seed is one draw - even the CPU model's float rounding changes some runs). Outputs: ``<out>.md``
-(tables stamped with commit, command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``.
+reads. ``--phase test --seed S`` runs the chosen config and guided weight on the 16 test classes and writes
+``<out>_test_seed<S>.json`` / ``.csv`` and ``<out>_grid_seed<S>.png``; ``--phase report --seeds ...`` pools the
+test seeds (``pool_test``: every run counts; it refuses runs of another choice or split than the _val.json's, a
+repeated seed, or runs made differently) and applies the chosen rule. DEXTER's run-level outcome is a discrete
+optimisation's, so one seed is one draw - even the CPU model's float rounding changes some runs. Outputs:
+``<out>.md`` (tables stamped with commit, command, seeds, machine), ``<out>_runs.csv``, ``<out>_val.csv``.
 """
 from __future__ import annotations
 
@@ -435,12 +436,14 @@ def pool_test(runs: list[dict], val: dict) -> list[dict]:
         if (m["chosen"], m["config"], m["guided_weight"]) != (val["chosen"], val["config"], val["guided_weight"]):
             sys.exit(f"the test run of seed {m['seed']} used another choice ({m['chosen']}, guided weight "
                      f"{m['guided_weight']}) than {val['chosen']}, {val['guided_weight']} in the _val.json; rerun it")
-        if m["split"] != metas[0]["split"]:
-            sys.exit("the test runs were made on different class splits (--split-seed); pool runs of one split")
+        if m["split"] != val["meta"]["split"]:
+            sys.exit(f"the test run of seed {m['seed']} was made on another class split (--split-seed) than the "
+                     "_val.json's; pool runs of its split")
         for key in ("smoke", "quick"):
             if m.get(key) != metas[0].get(key):
                 sys.exit(f"the test runs differ in --{key}; pool runs made the same way")
-    items = [sorted((row["classifier"], row["class_index"], row["mode"]) for row in r["rows"]) for r in runs]
+    items = [sorted((row["classifier"], row["class_index"], row["mode"], tuple(sorted(row))) for row in r["rows"])
+             for r in runs]  # the same runs with the same fields (--parts)
     if any(i != items[0] for i in items):
         sys.exit("the test runs cover different classes or parts (--limit, --parts?); pool runs over the same ones")
     return [{"seed": m["seed"], **row} for m, r in zip(metas, runs) for row in r["rows"]]

@@ -616,31 +616,41 @@ def test_dexter_benchmark_pools_validation_seeds_and_refuses_mixed_runs():
 
 
 def test_dexter_benchmark_pools_test_seeds_and_refuses_mixed_runs():
-    """benchmarks/dexter.py --phase report: the test runs of every seed are pooled (each row keeps its seed, the
-    criteria read all of them, a per-seed table splits them); runs made with another choice than _val.json's,
-    a repeated seed, another split or other classes are refused."""
+    """benchmarks/dexter.py --phase report (pool_test): the test runs of every seed become one list, each row
+    with its seed; runs made with another config, guided weight or choice than _val.json's, on another split, a
+    repeated seed, with --smoke on one seed only, over other classes or with other fields (--parts) are refused."""
     B = _bench_dexter()
-    val = dict(chosen="b", config={"steps": 2}, guided_weight=4.0)
+    split = {"y": {"test": [0]}}
+    val = dict(chosen="b", config={"steps": 2}, guided_weight=4.0, meta=dict(split=split))
 
-    def run(seed, act, chosen="b", split=None, name="y"):
+    def run(seed, act, name="y", **meta_changes):
         row = {**_val_row("b", act, False, False, name=name), "mode": "dexter", "class_name": "red",
                "words": "w", "reader_class": 1.0, "n_frames": 1, "selection": "", "chosen_restart": 0}
         row.update({f"{m}_success": 0.5 for m in ("pixel", "fourier", "guided")})
         row.update({f"{m}_reader_class": 0.5 for m in ("pixel", "fourier", "guided")})
-        meta = dict(seed=seed, split=split or {"y": {"test": [0]}}, chosen=chosen, config={"steps": 2},
-                    guided_weight=4.0, commit="c", command=f"test {seed}", machine="m", torch="t", seconds=1)
+        meta = {**dict(seed=seed, split=split, chosen="b", config={"steps": 2}, guided_weight=4.0, commit="c",
+                       command=f"test {seed}", machine="m", torch="t", seconds=1), **meta_changes}
         return dict(meta=meta, rows=[row])
 
     rows = B.pool_test([run(0, 1.0), run(1, 0.0)], val)
     assert [r["seed"] for r in rows] == [0, 1] and [r["activation_score"] for r in rows] == [1.0, 0.0]
     with pytest.raises(SystemExit, match="share a seed"):
         B.pool_test([run(0, 1.0), run(0, 0.0)], val)
-    with pytest.raises(SystemExit, match="another choice"):
-        B.pool_test([run(0, 1.0), run(1, 0.0, chosen="a")], val)
-    with pytest.raises(SystemExit, match="class splits"):
+    for change in ({"chosen": "a"}, {"config": {"steps": 3}}, {"guided_weight": 16.0}):
+        with pytest.raises(SystemExit, match="another choice"):
+            B.pool_test([run(0, 1.0), run(1, 0.0, **change)], val)
+    with pytest.raises(SystemExit, match="class split"):
         B.pool_test([run(0, 1.0), run(1, 0.0, split={"y": {"test": [1]}})], val)
+    with pytest.raises(SystemExit, match="class split"):  # both runs agree, the validation file does not
+        B.pool_test([run(0, 1.0, split={"y": {"test": [1]}})], val)
+    with pytest.raises(SystemExit, match="--smoke"):
+        B.pool_test([run(0, 1.0), run(1, 0.0, smoke=True)], val)
     with pytest.raises(SystemExit, match="different classes"):
         B.pool_test([run(0, 1.0), run(1, 0.0, name="z")], val)
+    no_am = run(1, 0.0)
+    no_am["rows"] = [{k: v for k, v in r.items() if not k.startswith("pixel")} for r in no_am["rows"]]
+    with pytest.raises(SystemExit, match="--parts"):
+        B.pool_test([run(0, 1.0), no_am], val)
 
 
 def test_dexter_report_pools_the_criteria_and_splits_them_per_seed():
@@ -656,8 +666,9 @@ def test_dexter_report_pools_the_criteria_and_splits_them_per_seed():
     s0 = json.loads((root / "benchmarks/results/dexter_test_seed0.json").read_text())
     s1 = copy.deepcopy(s0)
     s1["meta"]["seed"] = 1
-    for r in s1["rows"]:
-        r["activation_score"] = 0.0
+    for r in s1["rows"]:  # seed 1: every run fails, the contrast rule flags nothing
+        r.update(activation_score=0.0, contrast_flags="", contrast_bias_found=False if r["bias_factor"] else "",
+                 contrast_false_flags=0)
     rows = B.pool_test([s0, s1], val)
     sys.path.insert(0, str(root / "benchmarks"))
     try:
@@ -668,8 +679,14 @@ def test_dexter_report_pools_the_criteria_and_splits_them_per_seed():
     a0 = np.mean([r["activation_score"] for r in s0["rows"]])
     assert f"| activation score >= 0.8 (mean over runs) | {a0 / 2:.2f} |" in md
     per = md.split("Per test seed")[1].split("\n\n")[1]
+    p0 = B.bias_prf(s0["rows"], "contrast_")
     assert per.splitlines()[2].startswith(f"| 0 | {a0:.2f} | 15/16 |")
-    assert per.splitlines()[3].startswith("| 1 | 0.00 | 0/16 |")
+    assert f"| {p0['clf_precision']:.2f} / {p0['clf_recall']:.2f} |" in per.splitlines()[2]
+    assert per.splitlines()[3].startswith("| 1 | 0.00 | 0/16 |") and "| n/a / 0.00 |" in per.splitlines()[3]
+    # pooled: a classifier's factor counts when flagged in >= half of its 4 runs (seed 0's 2 flags suffice)
+    pooled = B.bias_prf(rows, "contrast_")
+    assert pooled["clf_tp"] == p0["clf_tp"] and pooled["run_fn"] == p0["run_fn"] + 8
+    assert f"| bias recall >= 0.75 (classifier level, contrast rule) | {pooled['clf_recall']:.2f} |" in md
     # two classes per classifier, listed in the runs table and the restarts table
     assert md.count("| 1 | biased-shape-bg |") == 4 and md.count("| 0 | unbiased-color | green |") == 2
 
