@@ -93,7 +93,7 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
         hold = [["activation score >= 0.8 (mean over runs)", f"{act.mean():.2f}", _f(bool(act.mean() >= 0.8))],
                 ["runs with activation score >= 0.8", f"{int((act >= 0.8).sum())}/{len(act)}", ""],
                 ["activation score above every AM baseline's success rate",
-                 f"{act.mean():.2f} vs " + ", ".join(f"{m} {v:.2f}" for m, v in am.items()),
+                 f"{act.mean():.3f} vs " + ", ".join(f"{m} {v:.3f}" for m, v in am.items()),
                  _f(bool(am) and all(act.mean() > v for v in am.values()))],
                 [f"bias precision >= 0.75 (classifier level, {rule} rule)", _f(prf["clf_precision"]),
                  _f(prf["clf_precision"] >= 0.75)],
@@ -111,6 +111,14 @@ def render(rows, val, test_metas, meta, clf_meta, bias_prf) -> str:
                  _f(frame["clf_precision"] >= 0.75 and frame["clf_recall"] >= 0.75)],
                 ["class word in DEXTER's prompt (unbiased classifiers)", _f(cw), _f(cw == 1.0)]]
         L.append(_table(["criterion", "measured", "holds"], hold))
+        if am:
+            paired = []
+            for m in am:
+                d = np.array([r["activation_score"] - r[f"{m}_success"] for r in dex])
+                paired.append(f"{m}: DEXTER higher in {int((d > 0.05).sum())}, lower in {int((d < -0.05).sum())}, "
+                              f"within 0.05 in {int((abs(d) <= 0.05).sum())} (mean difference {d.mean():+.3f})")
+            L.append("\nPaired by run (DEXTER's activation score against each AM baseline's success on the same "
+                     "class and seed; the margin above is this mean difference): " + "; ".join(paired) + ".\n")
         if len(seeds_t) > 1:
             per = []
             for sd in seeds_t:
