@@ -190,6 +190,7 @@ def test_optimising_soft_tokens_raises_the_target_logit(prior):
     assert res.nfe == 12 * 3 * 2 and len(res.words) == 6 and all(w in WORDS for w in res.words)
 
 
+@pytest.mark.filterwarnings("ignore:DEXTER. the explanation")  # a constant classifier: the labels never move
 def test_dexter_runs_and_is_deterministic(prior, tok):
     from featinv.explain.mlm import WordMLM
 
@@ -208,6 +209,36 @@ def test_dexter_runs_and_is_deterministic(prior, tok):
     assert len(r1.frames) == 4 and r1.frame_steps == [0, 0, 1, 1]  # every image is a frame
     assert r1.trace == r2.trace and torch.equal(r1.frames, r2.frames)
     assert r1.prompt == TEMPLATE.surface(r1.words)
+
+
+def test_label_updates_count_pseudo_label_changes_and_warn_when_there_are_none(prior, tok):
+    """DexterResult.label_updates[r] = the steps of restart r at which a pseudo-label changed (read back from the
+    trace: step 0 never changes them, its loss is the history's first entry); a classifier whose CE is the same at
+    every step never beats the step-0 loss, so the explanation is the random initial draw, and DEXTER says so."""
+    import warnings as W
+
+    from featinv.explain.mlm import WordMLM
+
+    torch.manual_seed(0)
+    mlm = WordMLM(WORDS + ["a", "at", "the", "on", "background"], hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2).eval()
+    cfg = DexterConfig(steps=8, sample_steps=2, batch=2, seed=0, restarts=2)
+    res = dexter(prior, ClassTarget(TinyClassifier(), 0), mlm, TEMPLATE, cfg)
+    for r in range(2):
+        rows = [t["targets"] for t in res.trace if t["restart"] == r]
+        assert res.label_updates[r] == sum(a != b for a, b in zip(rows, rows[1:]))
+        assert rows[-1].split() == res.restarts[r]
+    assert res.label_updates[0] > 0  # the case below is not the only one this test sees
+    constant = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    constant(torch.zeros(1, 3, 16, 16))
+    with torch.no_grad():
+        constant[1].weight.zero_()  # the same logits for every image: the CE never drops below step 0's
+    with pytest.warns(UserWarning, match="random initial pseudo-label draw"):
+        flat = dexter(prior, ClassTarget(constant, 1), mlm, TEMPLATE, dataclasses.replace(cfg, restarts=1))
+    assert flat.label_updates == [0] and len({t["targets"] for t in flat.trace}) == 1
+    with W.catch_warnings():
+        W.simplefilter("error")  # a run whose labels moved does not warn
+        dexter(prior, ClassTarget(TinyClassifier(), 0), mlm, TEMPLATE, cfg)
 
 
 def test_select_best_explains_with_the_restart_that_hits_most(prior, tok, monkeypatch):

@@ -230,6 +230,7 @@ class DexterModule(AnalysisModule):
         if self.mode == "dexter":
             rec["restarts"] = [" ".join(w) for w in res.restarts]
             rec["chosen_restart"], rec["restart_selection"] = res.chosen, list(res.selection)
+            rec["label_updates"] = list(res.label_updates)
         else:
             rec["activation_score_words"] = res.activation_words["score"]
         cw = _class_words(class_factor, batch["class_name"][b])
