@@ -101,8 +101,18 @@ class DexterResult:
     contrast: object = None  # the same sweep read by reporter.contrast_report
     chosen: int = 0  # the restart whose words are ``words``
     selection: list[float] = field(default_factory=list)  # select="best": each restart's hit rate
-    label_updates: list[int] = field(default_factory=list)  # per restart: steps at which a pseudo-label changed
-    # (0: the words are the restart's random initial draw - no step's loss beat the step-0 loss - and explain nothing)
+
+    @property
+    def label_updates(self) -> list[int]:
+        """Per restart, the steps at which a pseudo-label changed, read from the trace (step 0 never changes
+        them: its loss starts the histories). 0: the words are the restart's random initial draw - no step's loss
+        beat the step-0 loss - and explain nothing."""
+        n, last = [0] * len(self.restarts), {}
+        for row in self.trace:
+            r = row["restart"]
+            n[r] += r in last and row["targets"] != last[r]
+            last[r] = row["targets"]
+        return n
 
 
 def gumbel_softmax_hard(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -144,7 +154,7 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = randn(make_generators(range(cfg.seed, cfg.seed + cfg.batch)), prior.latent_shape, device=dev)
     t0, nfe = time.time(), 0
-    frames, frame_steps, frame_words, trace, finals, updates = [], [], [], [], [], []
+    frames, frame_steps, frame_words, trace, finals = [], [], [], [], []
     for r in range(cfg.restarts):
         soft = torch.empty(1, cfg.n_soft_prompt, mlm.hidden_size).uniform_(-1, 1, generator=gen).to(dev)
         soft.requires_grad_(True)
@@ -154,7 +164,7 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
         else:
             targets = [words[int(j)] for j in torch.randint(len(words), (template.n_slots,), generator=gen)]
         history: list[list[float]] | None = None  # per slot: losses since its target last changed
-        streak = n_updates = 0
+        streak = 0
         for step in range(cfg.steps):
             logits = mlm(ids, soft)[0, slot_pos]  # (S, V)
             y = gumbel_softmax_hard(logits[:, cand].masked_fill(~allowed, float("-inf")), cfg.tau, gen)
@@ -182,9 +192,7 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
             n_l = sc.slot_losses.shape[1] if sc.slot_losses is not None else 1
             per = (sc.slot_losses.detach().mean(0).tolist() if sc.slot_losses is not None else [ce.item()])
             slot_loss = [per[i] if i < n_l else ce.item() for i in range(template.n_slots)]
-            before = list(targets)
             history = update_pseudo_labels(pred, targets, history, slot_loss, ce.item(), finals)
-            n_updates += targets != before
             row = dict(restart=r, step=step, words=" ".join(pred), targets=" ".join(targets), ce=round(ce.item(), 5),
                        mlm=round(l_mlm.item(), 5), hit_rate=round(float(hit.float().mean()), 4),
                        value=round(float(sc.value.detach().mean()), 5))
@@ -195,7 +203,6 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
             if cfg.stop_after is not None and streak >= cfg.stop_after:
                 break
         finals.append(list(targets))
-        updates.append(int(n_updates))
     chosen, selection = 0, []
     if cfg.select == "best" and len(finals) > 1:
         with torch.no_grad():
@@ -206,13 +213,14 @@ def dexter(prior, target, mlm, template: Template, config: DexterConfig | None =
                 nfe += cfg.sample_steps * cfg.select_samples * (2 if cfg.cfg_scale != 1.0 else 1)
                 selection.append(sel["score"])
         chosen = max(range(len(finals)), key=lambda r: (selection[r], -r))  # ties: the earliest
-    if updates[chosen] == 0:
-        warnings.warn(f"DEXTER: the explanation {' '.join(finals[chosen])!r} (restart {chosen}) is the random initial "
-                      "pseudo-label draw - no step's loss beat the step-0 loss (docs/dexter.md) - so it explains nothing")
     frames_t = torch.stack(frames) if frames else torch.zeros(0, *_image_shape(prior))
-    return DexterResult(words=finals[chosen], prompt=template.surface(finals[chosen]), restarts=finals,
-                        frames=frames_t, frame_steps=frame_steps, frame_words=frame_words, trace=trace,
-                        seconds=time.time() - t0, nfe=nfe, chosen=chosen, selection=selection, label_updates=updates)
+    res = DexterResult(words=finals[chosen], prompt=template.surface(finals[chosen]), restarts=finals,
+                       frames=frames_t, frame_steps=frame_steps, frame_words=frame_words, trace=trace,
+                       seconds=time.time() - t0, nfe=nfe, chosen=chosen, selection=selection)
+    if res.label_updates[chosen] == 0:
+        warnings.warn(f"DEXTER: the explanation {res.prompt!r} (restart {chosen}) is the random initial pseudo-label "
+                      "draw - no step's loss beat the step-0 loss (docs/dexter.md) - so it explains nothing")
+    return res
 
 
 def slot_mask(template: Template, words: list[str], typed: bool) -> torch.Tensor:
