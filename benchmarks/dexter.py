@@ -28,7 +28,7 @@ variant prompt; the other rules' numbers are reported beside it); the guided wei
 success; the counterfactual rule (``reporter.sweep_report`` / ``contrast_report``) is the one with the higher
 run-level F1 over the chosen config's runs of all seeds. It writes ``<out>_val.json``, which ``--phase test``
 reads. ``--phase test --seed S`` runs the chosen config and guided weight on the 16 test classes and writes
-``<out>_test_seed<S>.json`` / ``.csv`` and ``<out>_grid_seed<S>.png``; ``--phase report --seeds ...`` pools the
+``<out>_test_seed<S>.json`` and ``<out>_grid_seed<S>.png``; ``--phase report --seeds ...`` pools the
 test seeds (``pool_test``: every run counts; it refuses runs of another choice or split than the _val.json's, a
 repeated seed, or runs made differently) and applies the chosen rule. DEXTER's run-level outcome is a discrete
 optimisation's, so one seed is one draw - even the CPU model's float rounding changes some runs. Outputs:
@@ -419,7 +419,6 @@ def test(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
     meta.update(chosen=val["chosen"], config=val["config"], guided_weight=w)  # (--quick shortened it: meta["quick"])
     stem = f"{a.out}_test_seed{a.seed}"
     Path(stem + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    _csv(rows, stem + ".csv")
     if pics:
         _grid(pics, f"{a.out}_grid_seed{a.seed}.png")
     print(f"wrote {stem}.json; pool the test seeds with --phase report --seeds ...", flush=True)
