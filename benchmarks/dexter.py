@@ -327,6 +327,15 @@ def validate(a, prior, reader, mlm, clfs, items, meta, parts, t_start):
 RULES = ("sweep", "contrast")  # counterfactual reporter rules; the first wins ties
 
 
+def _refuse_mixed(metas: list[dict], phase: str) -> None:
+    """Per-seed runs pool only if made the same way (--smoke, --quick) with distinct seeds."""
+    for key in ("smoke", "quick"):
+        if any(m.get(key) != metas[0].get(key) for m in metas):
+            sys.exit(f"the {phase} runs differ in --{key}; pool runs made the same way")
+    if len({m["seed"] for m in metas}) != len(metas):
+        sys.exit(f"two {phase} runs share a seed; pool distinct seeds")
+
+
 def pool_val(runs: list[dict]) -> dict:
     """Pool per-seed validation files (``validate``'s output) into the choice ``--phase test`` reads: the config
     with the best selection over the pooled runs (earlier config wins ties), the guided weight with the best
@@ -335,11 +344,7 @@ def pool_val(runs: list[dict]) -> dict:
     for m in metas[1:]:
         if m["split"] != metas[0]["split"]:
             sys.exit("the validation runs were made on different class splits (--split-seed); pool runs of one split")
-        for key in ("smoke", "quick"):
-            if m.get(key) != metas[0].get(key):
-                sys.exit(f"the validation runs differ in --{key}; pool runs made the same way")
-    if len({m["seed"] for m in metas}) != len(metas):
-        sys.exit("two validation runs share a seed; pool distinct seeds")
+    _refuse_mixed(metas, "validation")
     items = [{(row["classifier"], row["class_index"]) for row in r["rows"]} for r in runs]
     if any(i != items[0] for i in items):
         sys.exit("the validation runs cover different classes (--limit?); pool runs over the same classes")
@@ -429,8 +434,7 @@ def pool_test(runs: list[dict], val: dict) -> list[dict]:
     refuses runs made with another choice than ``val``'s, on another split, twice with one seed, made
     differently (--smoke / --quick) or over different classes."""
     metas = [r["meta"] for r in runs]
-    if len({m["seed"] for m in metas}) != len(metas):
-        sys.exit("two test runs share a seed; pool distinct seeds")
+    _refuse_mixed(metas, "test")
     for m in metas:
         if (m["chosen"], m["config"], m["guided_weight"]) != (val["chosen"], val["config"], val["guided_weight"]):
             sys.exit(f"the test run of seed {m['seed']} used another choice ({m['chosen']}, guided weight "
@@ -438,9 +442,6 @@ def pool_test(runs: list[dict], val: dict) -> list[dict]:
         if m["split"] != val["meta"]["split"]:
             sys.exit(f"the test run of seed {m['seed']} was made on another class split (--split-seed) than the "
                      "_val.json's; pool runs of its split")
-        for key in ("smoke", "quick"):
-            if m.get(key) != metas[0].get(key):
-                sys.exit(f"the test runs differ in --{key}; pool runs made the same way")
     items = [sorted((row["classifier"], row["class_index"], row["mode"], tuple(sorted(row))) for row in r["rows"])
              for r in runs]  # the same runs with the same fields (--parts)
     if any(i != items[0] for i in items):
