@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import commit  # noqa: E402
+from benchmarks._common import commit, cpu_model  # noqa: E402
 from featinv.explain import baselines as B  # noqa: E402
 from featinv.explain import synthetic as syn  # noqa: E402
 from featinv.explain.dissection import dissection_iou, match  # noqa: E402
@@ -259,8 +258,7 @@ def fmt(mean: float, std: float) -> str:
 
 def write_markdown(rows, paper_rows, extras, quantiles, args, wall, command) -> str:
     seeds = sorted({r["seed"] for r in rows})
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model()
     acc = [e["net"]["test_accuracy"] for e in extras]
     ref = [e["net"]["linear_on_true_alpha"] for e in extras]
     L = ["# EDDP: encoding-decoding direction pairs (seed 001, arXiv 2509.23926)", "",
@@ -408,8 +406,7 @@ def main():
 
 
 def machine(threads: int) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), shared; torch {torch.__version__}"
 
 
