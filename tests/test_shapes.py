@@ -231,6 +231,33 @@ def test_generate_draws_noise_of_the_unets_latent_shape(tmp_path):
     torch.testing.assert_close(again[0], x[0])  # one generator per image: batch companions do not matter
 
 
+def test_generate_takes_another_scheduler_and_guidance_rescale_and_refuses_what_it_cannot_do():
+    """``sd.generate``'s sampler options (benchmarks/shapes_prior_sampler.py): a diffusers multistep scheduler
+    is used (not silently DDIM) and reset per batch (a reused instance gives the same images again); guidance
+    rescale changes guided samples and leaves CFG 1 alone; eta with another scheduler and a rescale outside
+    [0, 1] are refused."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from featinv.zoo.shapes import sd as S
+
+    pipe = S.load_pipeline("shapes-sd")
+    caps = ["a small red circle at the top left on a gray background", "a large blue star at the bottom on a white background"]
+    ddim = S.generate(pipe, caps, seeds=[0, 1], cfg_scale=3.0, steps=6)
+    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    a = S.generate(pipe, caps, seeds=[0, 1], cfg_scale=3.0, steps=6, scheduler=dpm, batch=1)
+    b = S.generate(pipe, caps, seeds=[0, 1], cfg_scale=3.0, steps=6, scheduler=dpm)
+    assert torch.isfinite(a).all() and (a - ddim).abs().max() > 1e-3
+    torch.testing.assert_close(a, b)  # per-batch reset: the multistep history never leaks between batches
+    resc = S.generate(pipe, caps, seeds=[0, 1], cfg_scale=3.0, steps=6, guidance_rescale=0.7)
+    assert (resc - ddim).abs().max() > 1e-3
+    plain = S.generate(pipe, caps[:1], seeds=[0], cfg_scale=1.0, steps=6)
+    torch.testing.assert_close(S.generate(pipe, caps[:1], seeds=[0], cfg_scale=1.0, steps=6, guidance_rescale=0.7), plain)
+    with pytest.raises(ValueError, match="needs the DDIM sampler"):
+        S.generate(pipe, caps, seeds=[0, 1], steps=6, eta=1.0, scheduler=dpm)
+    with pytest.raises(ValueError, match="outside"):
+        S.generate(pipe, caps, seeds=[0, 1], steps=6, guidance_rescale=1.5)
+
+
 def test_shape_word_benchmark_tells_a_prior_that_follows_the_word_from_one_that_follows_the_seed():
     """benchmarks/shapes_prior_shape.py's measures: reads and images that follow the word, or the seed."""
     import importlib.util

@@ -168,34 +168,52 @@ def ddim_scheduler(config, clip_sample: bool = False):
 
 @torch.no_grad()
 def generate(pipe, captions: list[str], *, seeds, cfg_scale: float = 3.0, steps: int = 25, batch: int = 64,
-             eta: float = 0.0, negative: str = "") -> torch.Tensor:
+             eta: float = 0.0, negative: str = "", guidance_rescale: float = 0.0, scheduler=None) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1] from captions with DDIM + classifier-free guidance; one
     generator per image (``seeds``), so an image never depends on its batch companions' captions.
-    ``pipe`` without a VAE (``PixelPipeline``) samples pixels, x0-hat clipped to [-1, 1] in each step."""
+    ``pipe`` without a VAE (``PixelPipeline``) samples pixels, x0-hat clipped to [-1, 1] in each step.
+
+    ``scheduler``: another deterministic diffusers scheduler built from ``pipe.scheduler.config`` (e.g.
+    ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``) instead of DDIM; ``eta > 0`` needs DDIM.
+    ``guidance_rescale``: Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed",
+    Sec. 3.4) through diffusers' ``rescale_noise_cfg``: the guided output's std is pulled back to the
+    conditional one's, by this fraction."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} is outside [0, 1]")
+    if scheduler is not None and eta > 0:
+        raise ValueError(f"eta={eta} needs the DDIM sampler; leave scheduler=None for stochastic DDIM")
     unet, vae = pipe.unet, pipe.vae
-    sched = ddim_scheduler(pipe.scheduler.config, clip_sample=vae is None)
-    sched.set_timesteps(steps)
+    sched = ddim_scheduler(pipe.scheduler.config, clip_sample=vae is None) if scheduler is None else scheduler
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     out = []
     for i in range(0, len(captions), batch):
+        sched.set_timesteps(steps)  # multistep schedulers keep state between calls: reset per batch
         caps, sds = list(captions[i:i + batch]), list(seeds[i:i + batch])
         cond = encode_captions(pipe.text_encoder, pipe.tokenizer, caps)
         unc = encode_captions(pipe.text_encoder, pipe.tokenizer, [negative]).expand(len(caps), -1, -1)
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in sds])
+        z = z * sched.init_noise_sigma
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in sds]
         for t in sched.timesteps:
             tt = t.expand(len(z))
+            zin = sched.scale_model_input(z, t)
             if cfg_scale == 1.0:
-                eps = unet(z, tt, encoder_hidden_states=cond).sample
+                eps = unet(zin, tt, encoder_hidden_states=cond).sample
             else:
-                e_u, e_c = unet(torch.cat([z, z]), torch.cat([tt, tt]),
+                e_u, e_c = unet(torch.cat([zin, zin]), torch.cat([tt, tt]),
                                 encoder_hidden_states=torch.cat([unc, cond])).sample.chunk(2)
                 eps = e_u + cfg_scale * (e_c - e_u)
+                if guidance_rescale > 0:
+                    eps = rescale_noise_cfg(eps, e_c, guidance_rescale=guidance_rescale)
             if eta > 0:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
                 z = sched.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
-            else:
+            elif scheduler is None:
                 z = sched.step(eps, t, z, eta=0.0).prev_sample
+            else:
+                z = sched.step(eps, t, z).prev_sample
         if not torch.isfinite(z).all():
             raise FloatingPointError(f"generate: non-finite samples (eta={eta}, steps={steps}, cfg={cfg_scale})")
         img = z if vae is None else vae.decode(z / vae.config.scaling_factor).sample
