@@ -359,7 +359,8 @@ def train_unet(name: str, mode: str, out: Path, *, seed: int, steps: int, batch:
     else:
         S.save_sd(folder, unet=ema_u.cpu(), vae=vae.cpu(), text_encoder=ema_t.cpu(), tokenizer=tok, scheduler=sched)
     pipe = S.load_pipeline(folder)  # evaluate what is stored (a PixelPipeline for the pixel prior)
-    test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode)
+    # 512 test latents; a --shapes-scale smoke run (n_train < 512) uses as many as it trains on
+    test_mse = eps_mse(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, sched, mode, n=min(512, n_train))
     info = dict(architecture=f"diffusers UNet2DConditionModel ({'pixel space, 32x32x3' if pixel else 'latent'}) "
                              "+ transformers CLIPTextModel (trained jointly)",
                 unet_config=_jsonable({**S.UNET_CONFIG, **(unet_over or {})}), text_config=dict(S.TEXT_CONFIG),
