@@ -671,7 +671,29 @@ def test_every_shapes_encoder_builds_with_default_and_spatial_layers():
     assert conv(x).shape == (4, 64 * 8 * 8)
     clip = featinv.build_encoder("zoo:shapes-clip")
     assert clip.encode_text("a red circle").shape == (1, clip.dim)
-    assert featinv.build_encoder("zoo:shapes-clip@conv1")(x).shape == (4, 64 * 8 * 8)
+    assert featinv.build_encoder("zoo:shapes-clip@layer1")(x).shape == (4, 64 * 8 * 8)  # meta.json spatial_layers
+
+
+def test_clip_hard_negatives_swap_one_factor_and_train_with_rendered_negatives(tmp_path):
+    """NegCLIP-style hard negatives of ``clip.train_clip``: each copy differs from its row in exactly one captioned
+    factor (every factor gets swapped, nuisances kept, so a rendered negative is the same scene with one factor
+    changed); a short training with text and image negatives runs, saves a model that reloads through the clip:
+    family, and records them in its loss."""
+    import featinv
+    from featinv.zoo.shapes import clip as C
+
+    _, rows = W.load_split("single", "train", 200)
+    neg = C._hard_negatives(rows, 3, np.random.default_rng(0))
+    src = np.repeat(rows, 3)
+    changed = np.stack([neg[f] != src[f] for f in W.FACTORS], 1)
+    assert (changed.sum(1) == 1).all() and changed.any(0).all()
+    assert all((neg[k] == src[k]).all() for k in ("dx", "dy", "angle"))
+    info = C.train_clip(tmp_path, seed=0, n=64, steps=3, batch=16, lr=1e-3, n_test=32, hard_negatives=2,
+                        negative_images=True, vision="resnet")
+    assert "2 one-factor-swapped hard negative" in info["loss"] and "ModifiedResNet" in info["architecture"]
+    assert set(info["test_zero_shot_accuracy"]) == {*W.FACTORS, "full_caption_top1"}
+    enc = featinv.build_encoder(f"clip:local-dir:{tmp_path / 'shapes-clip'}")
+    assert torch.isfinite(enc(W.load_split("single", "test", 2)[0])).all()
 
 
 def test_clip_text_targets_pick_the_right_colour():

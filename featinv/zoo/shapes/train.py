@@ -74,7 +74,10 @@ CONFIG = {
     "shapes-shape": dict(seed_offset=10, n=30000, steps=1000, batch=128, lr=2e-3),
     "shapes-color": dict(seed_offset=11, n=30000, steps=400, batch=128, lr=2e-3),
     "shapes-invariant": dict(seed_offset=12, n=30000, steps=1000, batch=128, lr=2e-3),
-    "shapes-clip": dict(seed_offset=20, n=30000, steps=1500, batch=128, lr=1e-3),
+    # open_clip ModifiedResNet tower + 3 one-factor-swapped hard negative captions and rendered images per image:
+    # the ViT tower without them learnt no shape (docs/design.md, "The mini-CLIP")
+    "shapes-clip": dict(seed_offset=20, n=30000, steps=6000, batch=128, lr=1e-3, vision="resnet", hard_negatives=3,
+                        negative_images=True),
     "shapes-targets": dict(seed_offset=30, n=20000, steps=500, batch=128, lr=3e-3, width=16),
     "shapes-probes": dict(seed_offset=40, n_train=5000, n_val=2000, n_test=2000),
 }
@@ -230,7 +233,8 @@ def train_encoder_stage(name: str):
 def train_clip_stage(out: Path, seed: int, c: dict, log=print) -> dict:
     from featinv.zoo.shapes import clip
 
-    return clip.train_clip(out, seed=seed, n=c["n"], steps=c["steps"], batch=c["batch"], lr=c["lr"], n_test=N_TEST)
+    return clip.train_clip(out, seed=seed, n=c["n"], steps=c["steps"], batch=c["batch"], lr=c["lr"], n_test=N_TEST,
+                           vision=c["vision"], hard_negatives=c["hard_negatives"], negative_images=c["negative_images"])
 
 
 def train_targets_stage(out: Path, seed: int, c: dict, log=print) -> dict:
