@@ -690,10 +690,15 @@ def test_clip_hard_negatives_swap_one_factor_and_train_with_rendered_negatives(t
     assert all((neg[k] == src[k]).all() for k in ("dx", "dy", "angle"))
     info = C.train_clip(tmp_path, seed=0, n=64, steps=3, batch=16, lr=1e-3, n_test=32, hard_negatives=2,
                         negative_images=True, vision="resnet")
-    assert "2 one-factor-swapped hard negative" in info["loss"] and "ModifiedResNet" in info["architecture"]
+    assert "2 one-factor-swapped hard negative" in info["loss"] and "rendered" in info["loss"]
+    assert "ModifiedResNet" in info["architecture"]
     assert set(info["test_zero_shot_accuracy"]) == {*W.FACTORS, "full_caption_top1"}
     enc = featinv.build_encoder(f"clip:local-dir:{tmp_path / 'shapes-clip'}")
     assert torch.isfinite(enc(W.load_split("single", "test", 2)[0])).all()
+    with pytest.raises(ValueError, match="hard_negatives >= 1"):
+        C.train_clip(tmp_path, seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, negative_images=True)
+    with pytest.raises(ValueError, match="not one of"):
+        C.train_clip(tmp_path, seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, vision="vgg")
 
 
 def test_clip_text_targets_pick_the_right_colour():

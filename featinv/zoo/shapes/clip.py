@@ -109,6 +109,10 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
 
     from featinv.zoo.shapes.fit import cosine_lr
 
+    if vision not in VISION:
+        raise ValueError(f"vision={vision!r} is not one of {sorted(VISION)}")
+    if negative_images and not hard_negatives:
+        raise ValueError("negative_images renders the hard negatives: set hard_negatives >= 1 with it")
     folder = clip_dir(out)
     if folder.exists():
         shutil.rmtree(folder)
@@ -167,7 +171,7 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
                 lr=lr, optimizer="AdamW (wd 0.1)", lr_schedule=f"linear warmup {warmup}, cosine to 0",
                 loss="symmetric multi-positive InfoNCE (positives: captions consistent with the image's factors)"
                 + (f"; {hard_negatives} one-factor-swapped hard negative caption(s) per image (NegCLIP)"
-                   if hard_negatives else ""),
+                   + (", also rendered as negative images" if negative_images else "") if hard_negatives else ""),
                 wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 4),
                 cpu_seconds_per_step=round(cpu / steps, 4), final_loss=round(run, 5), default_layer="embedding (64-d image embedding)",
                 spatial_layers=[SPATIAL_LAYER[vision]],
