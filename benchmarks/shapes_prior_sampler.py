@@ -63,6 +63,9 @@ def run(pipe, captions: list[str], seed_list: list[int], spec: dict) -> torch.Te
     return S.generate(pipe, captions, seeds=seed_list, **kw)
 
 
+_EMPTY: dict = {}
+
+
 def evaluate(pipe, reader, rows, split: str, empty_seed: int, spec: dict, truth_rows) -> dict:
     """Caption accuracy on ``rows`` (``split``'s seeds, as shapes_prior.py) and empty-prompt TV of as many samples
     from seed index ``empty_seed`` against ``truth_rows``' factor marginals."""
@@ -73,8 +76,11 @@ def evaluate(pipe, reader, rows, split: str, empty_seed: int, spec: dict, truth_
     read = R.read_factors(img, reader)[0]["shape"].numpy()
     asked = W.labels(rows)["shape"].numpy()
     per_shape = {s: round(float((read[asked == k] == k).mean()), 4) for k, s in enumerate(W.FACTORS["shape"])}
-    empty_spec = {k: v for k, v in spec.items() if k not in ("guidance_rescale", "cfg_scale")}
-    emp = run(pipe, [""] * n, seeds("empty", n, empty_seed), {**empty_spec, "cfg_scale": 1.0})
+    empty_spec = {k: v for k, v in spec.items() if k not in ("guidance_rescale", "cfg_scale")}  # CFG off
+    key = (n, empty_seed, json.dumps(empty_spec, sort_keys=True))
+    if key not in _EMPTY:  # samplers that differ only in guidance draw the same empty-prompt samples
+        _EMPTY[key] = run(pipe, [""] * n, seeds("empty", n, empty_seed), {**empty_spec, "cfg_scale": 1.0})
+    emp = _EMPTY[key]
     vals = R.read_factors(emp, reader)[0]
     truth = W.labels(truth_rows)
     hist = {f: np.bincount(vals[f].numpy(), minlength=len(v)).astype(float) for f, v in W.FACTORS.items()}
