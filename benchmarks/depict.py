@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import commit, cpu_model  # noqa: E402
 
 from featinv.explain import shapes_oracles as SO  # noqa: E402
 from featinv.explain.depict import CaptionGenerator, SceneCache, detector_scores, permuted_table, run_depict  # noqa: E402
@@ -228,7 +228,7 @@ def main():
     torch.set_num_threads(a.threads)
     t0, c0 = time.time(), time.process_time()
     meta = dict(seed=a.seed, prior=a.prior, commit=commit(), command="python " + " ".join(sys.argv),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
+                machine=f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
     if a.phase == "val":
         a.out += "_val"
         meta, md = validate(a, meta)

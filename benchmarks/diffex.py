@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import commit, cpu_model  # noqa: E402
 
 from featinv.explain import shapes_oracles as SO  # noqa: E402
 from featinv.explain.diffex import EditScorer, Hierarchy, compare, edit_quality, run_diffex, spearman  # noqa: E402
@@ -315,7 +315,7 @@ def main():
     torch.set_num_threads(a.threads)
     t0, c0 = time.time(), time.process_time()
     meta = dict(commit=commit(), command="python " + " ".join(sys.argv), hierarchy=a.hierarchy,
-                machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
+                machine=f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {a.threads} torch threads, torch {torch.__version__}")
     if a.phase == "render":
         m = json.loads(Path(a.out + ".json").read_text())
         md = report(m).replace("{wall}", f"{m['wall_minutes']} min wall, {m['cpu_minutes']} min CPU (load average at "

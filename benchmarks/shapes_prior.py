@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import commit  # noqa: E402
+from _common import commit, cpu_model  # noqa: E402
 
 from featinv.zoo.shapes import reader as R  # noqa: E402
 from featinv.zoo.shapes import sd as S  # noqa: E402
@@ -178,7 +178,7 @@ def write(res, args, gen_t, rt, gen_e, gen_m, rm) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     cmd = "HF_HUB_OFFLINE=1 python benchmarks/shapes_prior.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     stamp = dict(commit=commit(), command=cmd.strip(), seed=args.seed, n=args.n, n_val=args.n_val, ddim_steps=args.steps,
-                 machine=f"{platform.machine()} CPU, torch threads={torch.get_num_threads()}",
+                 machine=f"{cpu_model()} ({platform.machine()}), torch threads={torch.get_num_threads()}",
                  torch=torch.__version__, load_average_at_end=os.getloadavg()[0])
     res["stamp"] = stamp
     up = lambda a: torch.nn.functional.interpolate(a[:16], scale_factor=2, mode="nearest")  # noqa: E731

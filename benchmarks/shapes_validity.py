@@ -37,7 +37,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from _common import commit  # noqa: E402
+from _common import commit, cpu_model  # noqa: E402
 
 from featinv import results as R  # noqa: E402
 from featinv.cli import main as featinv_main  # noqa: E402
@@ -205,7 +205,7 @@ def write(rows: list[dict], text: list[dict], a, wall: float) -> None:
            + (f" --prior {a.prior}" if a.prior != "zoo:shapes-sd" else ""))
     lines = ["# Ground-truth validity of inversion in the shapes world\n",
              f"Commit `{commit()}`, `{cmd}`, seeds {a.seeds}, {a.n} test scenes per seed, "
-             f"{platform.machine()} with {os.cpu_count()} CPU cores, wall {wall / 60:.1f} min.",
+             f"{cpu_model()} ({platform.machine()}) with {os.cpu_count()} CPU cores, wall {wall / 60:.1f} min.",
              f"Prior `{a.prior}` (empty prompt); judge `zoo:shapes-reader` (never guides). r = retention "
              "(1: the factor is kept, 0: chance), TV = total variation of the outputs' factor histogram from the "
              "unguided prior's, probe = held-out linear-probe accuracy of the encoder's feature.\n",
