@@ -109,14 +109,15 @@ def test_prior_loads_and_predicts_noise():
 
 
 def test_weights_are_small():
-    """The digits world stays under 8 MB; every committed weight (digits + shapes) under 32 MB (was 30 MB until
-    shapes-sd's VAE got its own fine-tuned decoder and shapes-multi-sd kept the shapes-vae stage's file, 1.9 MB).
+    """The digits world stays under 8 MB; every committed weight (digits + shapes) under 37 MB (was 30 MB until
+    shapes-sd's VAE got its own fine-tuned decoder and shapes-multi-sd kept the shapes-vae stage's file, 1.9 MB;
+    32 MB until the mini-CLIP's ModifiedResNet tower, 5.9 MB against the ViT's 1.1 MB, which saw no shape).
 
     Symlinks are counted once, as git stores them."""
     files = [p for p in D.WEIGHTS_DIR.rglob("*") if p.is_file() and not p.is_symlink()]
     digits = [p for p in files if p.name.startswith("digits") or "digits-" in str(p.relative_to(D.WEIGHTS_DIR))]
     assert sum(p.stat().st_size for p in digits) < 8e6
-    assert sum(p.stat().st_size for p in files) < 32e6
+    assert sum(p.stat().st_size for p in files) < 37e6
 
 
 def test_a_few_guided_steps_on_the_real_prior_lower_the_distance():
