@@ -86,21 +86,30 @@ def caption_fidelity(pipe, reader, rv, rt, scales: list[float], seed: int, steps
     t0 = time.time()
     gen_t = generate(pipe, W.captions(rt), seeds=seeds("test", len(rt), seed), cfg_scale=best, steps=steps)
     sec_per_img = (time.time() - t0) / len(rt)
-    read = R.read_factors(gen_t, reader)[0]["shape"].numpy()
-    asked = W.labels(rt)["shape"].numpy()
-    per_shape = {name: round(float((read[asked == k] == k).mean()), 4) if (asked == k).any() else None
-                 for k, name in enumerate(W.FACTORS["shape"])}
     res = dict(cfg_scale=best, selection_on_val={str(k): v for k, v in sel.items()}, test=single_acc(gen_t, rt, reader),
-               test_shape_by_asked_shape=per_shape, seconds_per_image=round(sec_per_img, 4))
+               test_shape_by_asked_shape=shape_by_asked(gen_t, rt, reader), seconds_per_image=round(sec_per_img, 4))
     print("test:", res["test"], flush=True)
     return res, gen_t
 
 
+def shape_by_asked(images, rows, reader) -> dict:
+    """Share of the images whose shape the reader reads as the one asked (rows' shape), per asked shape."""
+    read = R.read_factors(images, reader)[0]["shape"].numpy()
+    asked = W.labels(rows)["shape"].numpy()
+    return {name: round(float((read[asked == k] == k).mean()), 4) if (asked == k).any() else None
+            for k, name in enumerate(W.FACTORS["shape"])}
+
+
 def empty_fidelity(pipe, reader, rt, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
-    """``n`` empty-prompt samples (CFG off): per-factor reader histograms, their total variation from the test
-    rows' factor marginals, and the share read with confidence >= 0.9 on every factor."""
+    """``n`` empty-prompt samples (CFG off) and their ``empty_stats`` against the test rows ``rt``."""
     gen_e = generate(pipe, [""] * n, seeds=seeds("empty", n, seed), cfg_scale=1.0, steps=steps)
-    vals, conf = R.read_factors(gen_e, reader)
+    return empty_stats(gen_e, reader, rt), gen_e
+
+
+def empty_stats(images, reader, rt) -> dict:
+    """Per-factor reader histograms of empty-prompt samples, their total variation from the test rows' factor
+    marginals, and the share read with confidence >= 0.9 on every factor."""
+    vals, conf = R.read_factors(images, reader)
     truth = W.labels(rt)
     res = {f: dict(tv=round(tv(np.bincount(vals[f].numpy(), minlength=len(v)).astype(float),
                                np.bincount(truth[f].numpy(), minlength=len(v)).astype(float)), 4),
@@ -108,7 +117,7 @@ def empty_fidelity(pipe, reader, rt, n: int, seed: int, steps: int) -> tuple[dic
            for f, v in W.FACTORS.items()}
     res["confident_rate"] = round(float(torch.stack([conf[f] >= 0.9 for f in W.FACTORS]).all(0).float().mean()), 4)
     res["data_histograms"] = {f: np.bincount(truth[f].numpy(), minlength=len(v)).tolist() for f, v in W.FACTORS.items()}
-    return res, gen_e
+    return res
 
 
 def fidelity_parser(description: str) -> argparse.ArgumentParser:

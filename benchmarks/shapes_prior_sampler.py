@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import commit, cpu_model  # noqa: E402
-from shapes_prior import seeds, single_acc, tv  # noqa: E402
+from shapes_prior import empty_stats, seeds, shape_by_asked, single_acc  # noqa: E402
 
 from featinv.zoo.shapes import reader as R  # noqa: E402
 from featinv.zoo.shapes import sd as S  # noqa: E402
@@ -73,22 +73,15 @@ def evaluate(pipe, reader, rows, split: str, empty_seed: int, spec: dict, truth_
     n = len(rows)
     img = run(pipe, W.captions(rows), seeds(split, n, 0), spec)
     acc = single_acc(img, rows, reader)
-    read = R.read_factors(img, reader)[0]["shape"].numpy()
-    asked = W.labels(rows)["shape"].numpy()
-    per_shape = {s: round(float((read[asked == k] == k).mean()), 4) for k, s in enumerate(W.FACTORS["shape"])}
     empty_spec = {k: v for k, v in spec.items() if k not in ("guidance_rescale", "cfg_scale")}  # CFG off
     key = (n, empty_seed, json.dumps(empty_spec, sort_keys=True))
     if key not in _EMPTY:  # samplers that differ only in guidance draw the same empty-prompt samples
-        _EMPTY[key] = run(pipe, [""] * n, seeds("empty", n, empty_seed), {**empty_spec, "cfg_scale": 1.0})
+        emp = run(pipe, [""] * n, seeds("empty", n, empty_seed), {**empty_spec, "cfg_scale": 1.0})
+        _EMPTY[key] = empty_stats(emp, reader, truth_rows)
     emp = _EMPTY[key]
-    vals = R.read_factors(emp, reader)[0]
-    truth = W.labels(truth_rows)
-    hist = {f: np.bincount(vals[f].numpy(), minlength=len(v)).astype(float) for f, v in W.FACTORS.items()}
-    empty_tv = {f: round(tv(hist[f], np.bincount(truth[f].numpy(), minlength=len(v)).astype(float)), 4)
-                for f, v in W.FACTORS.items()}
-    return dict(caption=acc, mean=float(np.mean([acc[f] for f in W.FACTORS])), shape_by_asked=per_shape,
-                empty_tv=empty_tv, empty_shape_histogram=hist["shape"].astype(int).tolist(),
-                seconds=round(time.time() - t0, 1))
+    return dict(caption=acc, mean=float(np.mean([acc[f] for f in W.FACTORS])),
+                shape_by_asked=shape_by_asked(img, rows, reader), empty_tv={f: emp[f]["tv"] for f in W.FACTORS},
+                empty_shape_histogram=emp["shape"]["histogram"], seconds=round(time.time() - t0, 1))
 
 
 def main(argv=None) -> dict:
