@@ -9,7 +9,8 @@
 * a *reader* (an object with ``read(images) -> {factor: (pred, conf)}``, e.g. the shapes world's
   ``zoo:shapes-reader``) gives, per factor, ``<factor>`` = agreement of its reading of the output
   with its reading of the target image, ``<factor>_value`` (the value it reads in the output, for
-  histograms over outputs) and ``<factor>_conf``.
+  histograms over outputs) and ``<factor>_conf``; ``mean``, the mean agreement over its factors (one
+  number to choose a guidance setting by for an encoder that keeps every factor, e.g. a CLIP).
 
 Every value is per sample, (B,) tensors; ``evaluate`` returns them under ``eval/<name>/<metric>``.
 """
@@ -70,6 +71,8 @@ class ReaderEvaluator(Evaluator):
             out[f"{factor}_conf"] = conf.float().cpu()
             if ref is not None:
                 out[factor] = (pred == ref[factor][0]).float().cpu()
+        if ref is not None:
+            out["mean"] = torch.stack([out[f] for f in read]).mean(0)
         return out
 
 

@@ -55,3 +55,20 @@ def test_report_table_with_retention(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "featinv.cli", "report", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "has no results.jsonl" in bad.stderr
+
+
+def test_reader_evaluator_scores_each_factor_and_their_mean():
+    import torch
+
+    from featinv.evaluators import ReaderEvaluator
+
+    class Reader:  # reads "shape" from channel 0's sign and "color" from channel 1's
+        def read(self, x):
+            return {k: ((x[:, c].mean((1, 2)) > 0).long(), torch.ones(len(x))) for k, c in (("shape", 0), ("color", 1))}
+
+    out, tgt = torch.ones(3, 2, 4, 4), torch.ones(3, 2, 4, 4)
+    tgt[0, 1], tgt[1] = -1, -1   # target 0 differs in colour, target 1 in both, target 2 in neither
+    got = ReaderEvaluator(Reader(), "reader")(out, tgt)
+    assert got["shape"].tolist() == [1, 0, 1] and got["color"].tolist() == [0, 0, 1]
+    assert got["mean"].tolist() == [0.5, 0.0, 1.0] and got["shape_value"].tolist() == [1, 1, 1]
+    assert "mean" not in ReaderEvaluator(Reader(), "reader")(out)   # no target image: no agreement
