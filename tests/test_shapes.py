@@ -699,6 +699,18 @@ def test_clip_hard_negatives_swap_one_factor_and_train_with_rendered_negatives(t
         C.train_clip(tmp_path, seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, negative_images=True)
     with pytest.raises(ValueError, match="not one of"):
         C.train_clip(tmp_path, seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, vision="vgg")
+    # a fine-tune starts from the saved weights (lr 0: it keeps them, noise or not); refusals in one line
+    from safetensors.torch import load_file
+
+    ft = C.train_clip(tmp_path / "ft", seed=1, n=64, steps=1, batch=16, lr=0.0, n_test=8, hard_negatives=1,
+                      noise_std=0.3, init=tmp_path / "shapes-clip")
+    assert ft["noise_std"] == 0.3 and ft["init"] == str(tmp_path / "shapes-clip")
+    a, b = (load_file(str(d / "shapes-clip" / "open_clip_model.safetensors")) for d in (tmp_path, tmp_path / "ft"))
+    assert all(torch.equal(a[k], b[k]) for k in a if "num_batches_tracked" not in k and "running" not in k)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        C.train_clip(tmp_path / "ft", seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, noise_std=1.5)
+    with pytest.raises(ValueError, match="rebuilds"):
+        C.train_clip(tmp_path, seed=0, n=64, steps=1, batch=16, lr=1e-3, n_test=8, init=tmp_path / "shapes-clip")
 
 
 def test_clip_text_targets_pick_the_right_colour():

@@ -20,6 +20,10 @@ Without them a batch of 128 random scenes is told apart by colour, size and back
 and the first mini-CLIP (a ViT tower, no hard negatives) learnt neither shape nor position (test zero-shot 0.28
 and 0.24, chance 0.25 and 0.11); the committed one (3 of each, 6,000 steps) reads both at >= 0.996
 (docs/design.md, "The mini-CLIP").
+
+``noise_std`` (Gaussian input noise, per-image std from U(0, noise_std)) and ``init`` (fine-tune saved weights) serve
+benchmarks/shapes_clip_robust.py: noise made the embedding easier to match but not its inversions more faithful, so
+the committed model uses neither.
 """
 from __future__ import annotations
 
@@ -104,7 +108,7 @@ def _hard_negatives(rows: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
 
 def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: float, n_test: int,
                hard_negatives: int = 0, negative_images: bool = False, vision: str = "resnet",
-               eval_split: str = "test") -> dict:
+               eval_split: str = "test", noise_std: float = 0.0, init: str | Path | None = None) -> dict:
     from safetensors.torch import save_file
 
     from featinv.zoo.shapes.fit import cosine_lr
@@ -113,12 +117,20 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
         raise ValueError(f"vision={vision!r} is not one of {sorted(VISION)}")
     if negative_images and not hard_negatives:
         raise ValueError("negative_images renders the hard negatives: set hard_negatives >= 1 with it")
+    if not 0.0 <= noise_std < 1.0:
+        raise ValueError(f"noise_std={noise_std} must be in [0, 1) (the std of pixel noise on [0, 1] images)")
     folder = clip_dir(out)
+    if init is not None and Path(init).resolve() == folder.resolve():
+        raise ValueError(f"init={init} is the folder this run rebuilds: give another --out")
     if folder.exists():
         shutil.rmtree(folder)
     write_folder(folder, vision)
     torch.manual_seed(seed)
     model, tok = create(folder)
+    if init is not None:  # fine-tune a saved mini-CLIP (benchmarks/shapes_clip_robust.py) instead of a fresh one
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(init) / "open_clip_model.safetensors")))
     x, rows = W.load_split("single", "train", n)
     lab = torch.stack(list(W.labels(rows).values()), 1)  # (N, 5)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
@@ -145,6 +157,8 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
         pos_mask = ((li[:, None, :] == lt[None, :, :]) | ~keep[None, :, :]).all(-1).float()  # (img, txt)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, warmup, lr)
+        if noise_std:  # Gaussian noise of a per-image std drawn from U(0, noise_std): smoother input gradients
+            xi = xi + noise_std * torch.rand(len(xi), 1, 1, 1, generator=gen) * torch.randn(xi.shape, generator=gen)
         model.train()
         img = F.normalize(model.encode_image(_normalize(xi)), dim=-1)
         txt = F.normalize(model.encode_text(tok(caps)), dim=-1)
@@ -175,6 +189,7 @@ def train_clip(out: Path, *, seed: int, n: int, steps: int, batch: int, lr: floa
                 wall_seconds=round(wall, 1), median_step_seconds=round(float(np.median(times)), 4),
                 cpu_seconds_per_step=round(cpu / steps, 4), final_loss=round(run, 5), default_layer="embedding (64-d image embedding)",
                 spatial_layers=[SPATIAL_LAYER[vision]],
+                **(dict(noise_std=noise_std) if noise_std else {}), **(dict(init=str(init)) if init else {}),
                 **{f"{eval_split}_zero_shot_accuracy": zero_shot(model, tok, n_test, eval_split)})
 
 
