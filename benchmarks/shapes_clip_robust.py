@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def am_cosines(spec: str, n: int = 32, seed: int = 0) -> dict:
 
 def guided(spec: str, out: Path, n: int) -> dict:
     """Per method: final cosine, the reader's mean agreement and on-manifold rate over ``n`` val scenes."""
+    shutil.rmtree(out, ignore_errors=True)  # the CLI would resume an earlier run's records (same spec, other weights)
     featinv_main(["predict", "-c", "configs/shapes/invert_clip.yaml", "--output_dir", str(out), "--seed_everything", "0",
                   "--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--model.progress", "false",
                   "--model.encoder", spec, "--model.methods", METHODS, "--data.datasets.init_args.split", "val",

@@ -29,6 +29,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import time
 from collections import Counter, defaultdict
 from functools import lru_cache
@@ -47,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(config: str, out: Path, seed: int, overrides: list[str]) -> list[dict]:
+    """One ``featinv predict`` into a fresh ``out``: a benchmark recomputes every record (the CLI would resume an
+    earlier run's records by fingerprint, and keep methods the new run does not name)."""
+    shutil.rmtree(out, ignore_errors=True)
     featinv_main(["predict", "-c", str(ROOT / config), "--output_dir", str(out), "--seed_everything", str(seed),
                   "--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", *overrides])
     return [r for r in R.latest(R.read_dir(out)).values() if "skipped" not in r]
