@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import commit, cpu_model  # noqa: E402
+from shapes_validity import on_manifold, run  # noqa: E402
 
-from featinv import results as R  # noqa: E402
-from featinv.cli import main as featinv_main  # noqa: E402
 from featinv.metrics import cosine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-FACTORS = ("shape", "color", "size", "position", "background")
 METHODS = '[{"preset": "fast", "name": "w1-inc", "weight": 1.0, "schedule": "linear_increase"}, "ugd"]'
 
 
@@ -57,8 +54,7 @@ def am_cosines(spec: str, n: int = 32, seed: int = 0) -> dict:
     prior, enc = build_prior("zoo:shapes-sd"), build_encoder(spec)
     x = W.load_split("single", "val", n)[0]
     f = enc(x).detach()
-    with torch.no_grad():
-        z0 = torch.zeros_like(prior.vae.encode(x * 2 - 1).latent_dist.mean)
+    z0 = torch.zeros(n, *prior.latent_shape)
     out = {}
     for name, var, lr, image in (("latent_am_cos", z0, 0.2, lambda v: prior.decode(v * prior.vae_scale)),
                                  ("pixel_am_cos", torch.full_like(x, 0.5), 0.05, lambda v: v.clamp(0, 1))):
@@ -76,18 +72,15 @@ def am_cosines(spec: str, n: int = 32, seed: int = 0) -> dict:
 
 def guided(spec: str, out: Path, n: int) -> dict:
     """Per method: final cosine, the reader's mean agreement and on-manifold rate over ``n`` val scenes."""
-    shutil.rmtree(out, ignore_errors=True)  # the CLI would resume an earlier run's records (same spec, other weights)
-    featinv_main(["predict", "-c", "configs/shapes/invert_clip.yaml", "--output_dir", str(out), "--seed_everything", "0",
-                  "--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--model.progress", "false",
-                  "--model.encoder", spec, "--model.methods", METHODS, "--data.datasets.init_args.split", "val",
-                  "--data.datasets.init_args.limit", str(n)])
-    recs = [r for r in R.latest(R.read_dir(out)).values() if "skipped" not in r]
+    recs = run("configs/shapes/invert_clip.yaml", out, 0, ["--model.progress", "false", "--model.encoder", spec,
+                                                            "--model.methods", METHODS, "--data.datasets.init_args.split",
+                                                            "val", "--data.datasets.init_args.limit", str(n)])
     res = {}
     for m in sorted({r["method"] for r in recs}):
         rs = [r for r in recs if r["method"] == m]
         res[m] = dict(final_cos=sum(r["final_cos"] for r in rs) / len(rs),
-                      agree=sum(r[f"eval/reader/{k}"] for r in rs for k in FACTORS) / (len(rs) * len(FACTORS)),
-                      on_manifold=sum(all(r[f"eval/reader/{k}_conf"] >= 0.9 for k in FACTORS) for r in rs) / len(rs))
+                      agree=sum(r["eval/reader/mean"] for r in rs) / len(rs),
+                      on_manifold=sum(map(on_manifold, rs)) / len(rs))
     return res
 
 
